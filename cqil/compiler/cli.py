@@ -1,0 +1,119 @@
+"""`cqil-compile MODEL --p P [plan flags] (--dry-run [--json] | -o ENGINE_DIR)`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from cqil.cli_util import run_main
+from cqil.compiler.config import ModelConfig
+from cqil.compiler.loader import build_meta_model
+from cqil.compiler.pipeline import build_graph, resolve_plan
+from cqil.errors import CqilError
+from cqil.plan import SEMANTICS, Plan
+
+
+def add_plan_flags(parser: argparse.ArgumentParser, p_required: bool = False):
+    """The plan flags shared by cqil-compile, cqil-finetune and cqil-eval."""
+    parser.add_argument("--p", type=int, required=p_required, help="layers per group = number of ranks")
+    parser.add_argument("--start", type=int, help="first layer of the CQIL range (default: see README)")
+    parser.add_argument("--end", type=int, help="end of the CQIL range, exclusive (default: num_layers - 2)")
+    parser.add_argument("--bypass", type=int, default=None, help="bypass distance d, 0 <= d < p (default 0)")
+    parser.add_argument("--bypass-semantics", choices=SEMANTICS, default="once",
+                        help="'once' (default) or 'reference' (the authors' released code)")
+    parser.add_argument("--replicate-outer", action="store_true",
+                        help="run the layers outside the range on every rank instead of rank 0 only")
+
+
+def plan_from_args(cfg: ModelConfig, args) -> tuple[Plan, str]:
+    return resolve_plan(cfg, p=args.p, start=args.start, end=args.end, bypass=args.bypass,
+                        semantics=args.bypass_semantics, replicate_outer=args.replicate_outer)
+
+
+def describe(cfg: ModelConfig, plan: Plan, source: str) -> dict:
+    return {
+        "architecture": cfg.architecture,
+        "num_layers": cfg.num_layers,
+        "p": plan.p,
+        "start": plan.start,
+        "end": plan.end,
+        "bypass": plan.bypass,
+        "bypass_semantics": plan.semantics,
+        "replicate_outer": plan.replicate_outer,
+        "plan_source": source,
+        "groups": [list(g) for g in plan.groups],
+        "rank_of_layer": {str(l): plan.rank_of(l) for l in range(cfg.num_layers) if plan.in_range(l)},
+        "outer_layers": [l for l in range(cfg.num_layers) if not plan.in_range(l)],
+        "outer_ranks": list(range(plan.p)) if plan.replicate_outer else [0],
+        "original_depth": cfg.num_layers,
+        "sequential_depth": plan.depth,
+        "collectives": plan.collectives(),
+        "plan": plan.to_dict(),
+    }
+
+
+def _ranges(layers: list[int]) -> str:
+    parts, i = [], 0
+    while i < len(layers):
+        j = i
+        while j + 1 < len(layers) and layers[j + 1] == layers[j] + 1:
+            j += 1
+        parts.append(f"{layers[i]}" if i == j else f"{layers[i]}-{layers[j]}")
+        i = j + 1
+    return ", ".join(parts) or "none"
+
+
+def format_description(d: dict, model: str) -> str:
+    lines = [f"model: {model} ({d['architecture']}, {d['num_layers']} layers)",
+             f"plan ({d['plan_source']}): p={d['p']}, range [{d['start']}, {d['end']}), "
+             f"bypass d={d['bypass']}" + (f" ({d['bypass_semantics']})" if d["bypass"] else "")]
+    if d["groups"]:
+        lines.append(f"groups ({len(d['groups'])}), layer:rank")
+        for k, g in enumerate(d["groups"]):
+            lines.append(f"  group {k:>3}: " + "  ".join(f"{l}:r{d['rank_of_layer'][str(l)]}" for l in g))
+    else:
+        lines.append("groups: none (the model runs unchanged)")
+    ranks = "every rank" if d["replicate_outer"] else "rank 0"
+    lines.append(f"outer layers {_ranges(d['outer_layers'])}: {ranks}")
+    lines.append(f"sequential depth: {d['original_depth']} -> {d['sequential_depth']}")
+    kinds = {}
+    for c in d["collectives"]:
+        kinds[c.split("[")[0]] = kinds.get(c.split("[")[0], 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in kinds.items()) or "none"
+    lines.append(f"collectives per forward pass: {len(d['collectives'])} ({summary})")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cqil-compile",
+        description="Compile a LLaMA-family HuggingFace checkpoint into a CQIL engine directory.")
+    parser.add_argument("model", help="local HuggingFace checkpoint folder")
+    add_plan_flags(parser)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = ModelConfig.from_dir(args.model)
+    plan, source = plan_from_args(cfg, args)
+    if not args.dry_run:
+        raise CqilError("writing an engine is not available yet; use --dry-run")
+    t0 = time.perf_counter()
+    gm = build_graph(build_meta_model(cfg), plan)  # checks the plan against the real graph, no weights
+    d = describe(cfg, plan, source)
+    d["graph_nodes"] = len(gm.graph.nodes)
+    d["trace_seconds"] = round(time.perf_counter() - t0, 3)
+    if args.json:
+        print(json.dumps(d))
+    else:
+        print(format_description(d, args.model))
+    return 0
+
+
+def entry():
+    sys.exit(run_main("cqil-compile", main))

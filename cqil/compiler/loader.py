@@ -1,0 +1,146 @@
+"""Load a local HuggingFace checkpoint into `CausalLM`, lazily and layer by layer.
+
+The model is built on the meta device; each tensor is then read on its own from safetensors (which
+maps the file) or from a `pytorch_model.bin` opened with `mmap=True`, converted, checked against the
+expected shape and assigned. No step holds the whole model twice, and `layers=` loads only some
+decoder layers (the rest stay on meta), which is how one rank avoids the other ranks' weights.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cqil.compiler.config import ModelConfig
+from cqil.compiler.model import CausalLM, RotaryEmbedding, rope_inv_freq
+from cqil.errors import CqilError
+
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(name) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise CqilError(f"dtype {name!r} is not supported (use float32, float16 or bfloat16)")
+    return DTYPES[name]
+
+
+class Checkpoint:
+    """Name -> tensor access over the files of a checkpoint folder, opening each file once."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        self._open: dict[str, object] = {}
+        self.weight_map = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                              ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+            if (self.dir / index).is_file():
+                try:
+                    weight_map = json.loads((self.dir / index).read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise CqilError(f"model: {self.dir / index} is not a valid index ({e})")
+                for file in sorted(set(weight_map.values())):
+                    if not (self.dir / file).is_file():
+                        raise CqilError(f"model: {self.dir / index} names {file}, which is missing")
+                return weight_map
+            if (self.dir / single).is_file():
+                return {name: single for name in self._names_in(single)}
+        raise CqilError(f"model: {self.dir} holds no weights (model.safetensors, its index, or pytorch_model.bin)")
+
+    def _file(self, file: str):
+        if file not in self._open:
+            path = self.dir / file
+            try:
+                if file.endswith(".safetensors"):
+                    from safetensors import safe_open
+                    self._open[file] = safe_open(str(path), framework="pt", device="cpu")
+                else:
+                    self._open[file] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # corrupt or truncated files raise many different types
+                raise CqilError(f"model: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        return self._open[file]
+
+    def _names_in(self, file: str) -> list[str]:
+        f = self._file(file)
+        return list(f.keys())
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        file = self.weight_map[name]
+        f = self._file(file)
+        try:
+            return f.get_tensor(name) if hasattr(f, "get_tensor") else f[name]
+        except Exception as e:
+            raise CqilError(f"model: cannot read tensor {name} from {self.dir / file}: {e}")
+
+
+def layer_of(name: str) -> int | None:
+    m = _LAYER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def build_meta_model(cfg: ModelConfig, max_seq_len: int | None = None) -> CausalLM:
+    """The model with every weight on the meta device (no memory), rope frequencies real."""
+    with torch.device("meta"):
+        model = CausalLM(cfg, max_seq_len)
+    model.rotary_emb = RotaryEmbedding(rope_inv_freq(cfg, max_seq_len))
+    return model
+
+
+def load_model(model_dir: str | Path, dtype="float32", layers=None, max_seq_len: int | None = None,
+               cfg: ModelConfig | None = None) -> CausalLM:
+    """Load a checkpoint folder. `layers`: decoder layers to load (default all); others stay on meta.
+
+    Embedding, final norm and lm_head are always loaded.
+    """
+    cfg = cfg or ModelConfig.from_dir(model_dir)
+    cfg.check_sequence_length(max_seq_len or cfg.max_position_embeddings)
+    dtype = parse_dtype(dtype)
+    model = build_meta_model(cfg, max_seq_len)
+    ckpt = Checkpoint(model_dir)
+    wanted = None if layers is None else set(layers)
+
+    expected = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
+    tied = cfg.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight")
+    available = set(ckpt.names())
+    unexpected = sorted(n for n in available - set(expected)
+                        if not _IGNORED.search(n) and not (tied and n == "lm_head.weight"))
+    if unexpected:
+        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+        raise CqilError(f"model: checkpoint has tensors this {cfg.architecture} does not: {', '.join(unexpected[:3])}{more}")
+    for name, meta_param in expected.items():
+        layer = layer_of(name)
+        if wanted is not None and layer is not None and layer not in wanted:
+            continue
+        if name not in available:
+            raise CqilError(f"model: checkpoint {model_dir} is missing tensor {name}")
+        tensor = ckpt.get(name)
+        if tuple(tensor.shape) != tuple(meta_param.shape):
+            raise CqilError(f"model: tensor {name} has shape {tuple(tensor.shape)}, "
+                            f"config.json implies {tuple(meta_param.shape)}")
+        _assign(model, name, tensor.to(dtype))
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.eval()
+    return model
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)

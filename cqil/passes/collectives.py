@@ -1,0 +1,33 @@
+"""Collective operations as graph nodes.
+
+In the CQIL GraphModule every rank's values live in one graph, so on a single device a collective
+is a plain function of all ranks' tensors: `all_reduce_sum(d_0, ..., d_{p-1})` returns their sum,
+`all_gather(a_0, ..., a_{p-1})` returns them all. The partition pass cuts the graph at these
+nodes; the runtime then performs the real collective between ranks, summing in rank order so that
+its result is bit-identical to this single-device reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> torch.Tensor:
+    """Sum of every rank's tensor, added in rank order."""
+    total = tensors[0]
+    for t in tensors[1:]:
+        total = total + t
+    return total
+
+
+def all_gather(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every rank's tensor, indexed by rank."""
+    return tuple(tensors)
+
+
+COLLECTIVES = {all_reduce_sum: "all_reduce", all_gather: "all_gather"}
+
+
+def collective_kind(node) -> str | None:
+    """'all_reduce' / 'all_gather' for a collective node, else None."""
+    return COLLECTIVES.get(node.target) if node.op == "call_function" else None
