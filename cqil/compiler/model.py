@@ -110,13 +110,21 @@ class Attention(nn.Module):
         k = k * cos + _rotate_half(k) * sin
         key = torch.cat((past_key, k), dim=2)  # [B, kvh, P+T, hd]
         value = torch.cat((past_value, v), dim=2)
-        rep = self.num_heads // self.num_kv_heads
-        k_all = key.repeat_interleave(rep, dim=1) if rep > 1 else key
-        v_all = value.repeat_interleave(rep, dim=1) if rep > 1 else value
+        k_all, v_all = self._repeat_kv(key), self._repeat_kv(value)  # [B, nh, P+T, hd]
         scores = torch.matmul(q, k_all.transpose(2, 3)) * (self.head_dim ** -0.5) + mask
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.matmul(probs, v_all).transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), key, value
+
+
+    def _repeat_kv(self, t):
+        rep = self.num_heads // self.num_kv_heads
+        if rep == 1:
+            return t
+        B, S = t.shape[0], t.shape[2]
+        # expand + reshape (as transformers' repeat_kv) exports to plain ONNX Expand/Reshape
+        return t[:, :, None].expand(B, self.num_kv_heads, rep, S, self.head_dim).reshape(
+            B, self.num_heads, S, self.head_dim)
 
 
 class MLP(nn.Module):

@@ -61,4 +61,19 @@ def trace(model: CausalLM) -> fx.GraphModule:
     graph = tracer.trace(model)
     gm = fx.GraphModule(model, graph, "CausalLM")
     gm.config = model.config
+    _name_values(gm)
     return gm
+
+
+def _name_values(gm: fx.GraphModule):
+    """Readable tensor names (meta["cqil.value"]) for values that may cross segment boundaries."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target == "rotary_emb":
+            for user in node.users:
+                user.meta["cqil.value"] = ("rope.cos", "rope.sin")[user.args[1]]
+        elif node.op == "call_module" and node.target.endswith(".self_attn"):
+            node.args[3].meta["cqil.value"] = "attention_bias"
+        elif node.op == "call_module" and node.target.endswith(".mlp"):
+            layer = node.meta["cqil.layer"]
+            for user in node.users:  # the residual add: the layer's output
+                user.meta["cqil.value"] = f"hidden.{layer + 1}"

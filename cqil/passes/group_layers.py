@@ -4,8 +4,10 @@ Requires: a GraphModule from `cqil.compiler.trace.trace` (nodes tagged `cqil.lay
 Guarantees: for every group k of `plan.groups`, the members' nodes read the group input x, carry
 `meta["cqil.rank"] = i`, `["cqil.group"] = k`, `["cqil.layer"] = layer`; the attention-output
 exchange (d > 0) and the sum of the deltas are `all_gather` / `all_reduce_sum` call_function nodes
-with `meta["cqil.collective"]`; the output of the group is `x + all_reduce_sum(...)`. Layers outside
-the range are untouched. `gm.meta["cqil.plan"]` holds the plan.
+with `meta["cqil.collective"]`; the output of the group is `x + all_reduce_sum(...)`. Unless the plan
+replicates the outer layers, the first group's input is `broadcast(x)` (x comes from rank 0).
+Values that cross ranks are named in `meta["cqil.value"]` (`group{k}.attn`, `group{k}.delta`,
+`group{k}.output`). Layers outside the range are untouched. `gm.meta["cqil.plan"]` holds the plan.
 
 Before (two layers of a group, p=2)::
 
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from cqil.errors import CqilError
-from cqil.passes.collectives import all_gather, all_reduce_sum
+from cqil.passes.collectives import all_gather, all_reduce_sum, broadcast
 from cqil.plan import Plan
 
 
@@ -87,18 +89,25 @@ def _rewrite_group(graph: fx.Graph, members: list[LayerNodes], k: int, plan: Pla
     old_nodes = [n for m in members for n in m.all]
     last = members[-1].output
 
-    def tag(node, rank=None, layer=None, **extra):
-        node.meta.update({"cqil.group": k, **extra})
+    def tag(node, rank=None, layer=None, value=None, collective=None):
+        node.meta["cqil.group"] = k
         if rank is not None:
             node.meta.update({"cqil.rank": rank, "cqil.layer": layer})
+        if value is not None:
+            node.meta["cqil.value"] = value
+        if collective is not None:
+            node.meta["cqil.collective"] = collective
         return node
 
+    if k == 0 and not plan.replicate_outer:
+        with graph.inserting_before(members[0].input_norm):
+            x = tag(graph.call_function(broadcast, (x,)), value="group0.input", collective="broadcast")
     with graph.inserting_before(last):
         attn_out = []
         for i, m in enumerate(members):
             norm = tag(graph.call_module(m.input_norm.target, (x,)), i, m.layer)
             attn = tag(graph.call_module(m.attn.target, (norm, *m.attn.args[1:])), i, m.layer)
-            a = tag(graph.call_function(operator.getitem, (attn, 0)), i, m.layer)
+            a = tag(graph.call_function(operator.getitem, (attn, 0)), i, m.layer, value=f"group{k}.attn")
             m.key.replace_all_uses_with(tag(graph.call_function(operator.getitem, (attn, 1)), i, m.layer))
             m.value.replace_all_uses_with(tag(graph.call_function(operator.getitem, (attn, 2)), i, m.layer))
             attn_out.append(a)
@@ -118,9 +127,10 @@ def _rewrite_group(graph: fx.Graph, members: list[LayerNodes], k: int, plan: Pla
             delta = a
             if bypass is not None and plan.semantics == "reference":
                 delta = tag(graph.call_function(operator.add, (delta, bypass)), i, m.layer)
-            deltas.append(tag(graph.call_function(operator.add, (delta, f)), i, m.layer))
+            deltas.append(tag(graph.call_function(operator.add, (delta, f)), i, m.layer,
+                              value=f"group{k}.delta"))
         total = tag(graph.call_function(all_reduce_sum, tuple(deltas)), collective="all_reduce")
-        out = tag(graph.call_function(operator.add, (x, total)))
+        out = tag(graph.call_function(operator.add, (x, total)), value=f"group{k}.output")
     last.replace_all_uses_with(out)
     for node in reversed(old_nodes):
         graph.erase_node(node)
