@@ -86,8 +86,10 @@ class Plan:
 
         32 layers: p=2 -> [12, 30) (the authors' S12 E30), p=4 -> [14, 30) (S14 E30).
         """
-        if not isinstance(p, int) or p < 1:
-            raise CqilError(f"plan: p must be >= 1, got p={p!r}")
+        if not isinstance(p, int) or isinstance(p, bool) or p < 1:
+            raise CqilError(f"plan: p must be an integer >= 1, got p={p!r}")
+        if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+            raise CqilError(f"plan: num_layers must be an integer >= 1, got num_layers={num_layers!r}")
         end = max(num_layers - 2, 0)
         start = min(math.ceil(3 * num_layers / 8), end)
         while (end - start) % p:
@@ -103,6 +105,12 @@ class Plan:
             raise CqilError(f"config: cqil_layers must be a list of lists of layer indices, got {cqil_layers!r}")
         if not groups:
             return cls(num_layers=num_layers, p=1, start=0, end=0, **kwargs)
+        if not groups[0]:
+            raise CqilError(f"config: cqil_layers {cqil_layers!r} holds an empty group")
+        try:
+            d = int(d)
+        except (TypeError, ValueError):
+            raise CqilError(f"config: d (the bypass distance) must be an integer, got {d!r}")
         p = len(groups[0])
         start = groups[0][0]
         expected = [list(range(start + k * p, start + (k + 1) * p)) for k in range(len(groups))]
@@ -112,7 +120,7 @@ class Plan:
                 f"expected {expected}"
             )
         return cls(num_layers=num_layers, p=p, start=start, end=start + p * len(groups),
-                   bypass=int(d), **kwargs)
+                   bypass=d, **kwargs)
 
     def to_dict(self) -> dict:
         d = asdict(self)

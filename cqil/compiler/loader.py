@@ -78,6 +78,10 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        f = self._file(self.weight_map[name])
+        return tuple(f.get_slice(name).get_shape()) if hasattr(f, "get_slice") else tuple(f[name].shape)
+
     def get(self, name: str) -> torch.Tensor:
         file = self.weight_map[name]
         f = self._file(file)
@@ -92,12 +96,66 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def build_meta_model(cfg: ModelConfig, max_seq_len: int | None = None) -> CausalLM:
+def build_meta_model(cfg: ModelConfig, max_seq_len: int | None = None, dtype="float32") -> CausalLM:
     """The model with every weight on the meta device (no memory), rope frequencies real."""
     with torch.device("meta"):
         model = CausalLM(cfg, max_seq_len)
     model.rotary_emb = RotaryEmbedding(rope_inv_freq(cfg, max_seq_len))
+    dtype = parse_dtype(dtype)
+    if dtype != torch.float32:
+        for name, p in list(model.named_parameters()):
+            _assign(model, name, p.to(dtype))
+        _tie(model)
     return model
+
+
+class Weights:
+    """Checked access to a checkpoint's weights for one model: materialize and release by name."""
+
+    def __init__(self, model_dir: str | Path, model: CausalLM, dtype="float32"):
+        self.ckpt = Checkpoint(model_dir)
+        self.model = model
+        self.dtype = parse_dtype(dtype)
+        self.tied = model.config.tie_word_embeddings
+        self._check()
+
+    def _source(self, name: str) -> str:
+        return "model.embed_tokens.weight" if self.tied and name == "lm_head.weight" else name
+
+    def _check(self):
+        """Names and shapes, from metadata only (no tensor is read)."""
+        expected = dict(self.model.named_parameters(remove_duplicate=False))
+        available = set(self.ckpt.names())
+        unexpected = sorted(n for n in available - set(expected) if not _IGNORED.search(n))
+        if unexpected:
+            more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
+            raise CqilError(f"model: checkpoint has tensors this {self.model.config.architecture} does not: "
+                            f"{', '.join(unexpected[:3])}{more}")
+        for name, param in expected.items():
+            source = self._source(name)
+            if source not in available:
+                raise CqilError(f"model: checkpoint {self.ckpt.dir} is missing tensor {source}")
+            shape = self.ckpt.shape(source)
+            if shape != tuple(param.shape):
+                raise CqilError(f"model: tensor {source} has shape {shape}, config.json implies {tuple(param.shape)}")
+
+    def materialize(self, names):
+        for name in names:
+            _assign(self.model, name, self.ckpt.get(self._source(name)).to(self.dtype))
+        _tie(self.model)
+
+    def release(self, names):
+        for name in names:
+            p = self.model.get_parameter(name)
+            _assign(self.model, name, torch.empty_like(p, device="meta"))
+        _tie(self.model)
+
+
+def param_names(module: nn.Module, layers=None) -> list[str]:
+    """Parameter names of `module`, restricted to decoder `layers` (non-layer weights always)."""
+    wanted = None if layers is None else set(layers)
+    return [n for n, _ in module.named_parameters(remove_duplicate=False)
+            if wanted is None or layer_of(n) is None or layer_of(n) in wanted]
 
 
 def load_model(model_dir: str | Path, dtype="float32", layers=None, max_seq_len: int | None = None,
@@ -108,36 +166,15 @@ def load_model(model_dir: str | Path, dtype="float32", layers=None, max_seq_len:
     """
     cfg = cfg or ModelConfig.from_dir(model_dir)
     cfg.check_sequence_length(max_seq_len or cfg.max_position_embeddings)
-    dtype = parse_dtype(dtype)
-    model = build_meta_model(cfg, max_seq_len)
-    ckpt = Checkpoint(model_dir)
-    wanted = None if layers is None else set(layers)
-
-    expected = {name: p for name, p in model.named_parameters(remove_duplicate=False)}
-    tied = cfg.tie_word_embeddings
-    if tied:
-        expected.pop("lm_head.weight")
-    available = set(ckpt.names())
-    unexpected = sorted(n for n in available - set(expected)
-                        if not _IGNORED.search(n) and not (tied and n == "lm_head.weight"))
-    if unexpected:
-        more = f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""
-        raise CqilError(f"model: checkpoint has tensors this {cfg.architecture} does not: {', '.join(unexpected[:3])}{more}")
-    for name, meta_param in expected.items():
-        layer = layer_of(name)
-        if wanted is not None and layer is not None and layer not in wanted:
-            continue
-        if name not in available:
-            raise CqilError(f"model: checkpoint {model_dir} is missing tensor {name}")
-        tensor = ckpt.get(name)
-        if tuple(tensor.shape) != tuple(meta_param.shape):
-            raise CqilError(f"model: tensor {name} has shape {tuple(tensor.shape)}, "
-                            f"config.json implies {tuple(meta_param.shape)}")
-        _assign(model, name, tensor.to(dtype))
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    model = build_meta_model(cfg, max_seq_len, dtype)
+    Weights(model_dir, model, dtype).materialize(param_names(model, layers))
     model.eval()
     return model
+
+
+def _tie(model: CausalLM):
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor):

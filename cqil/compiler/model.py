@@ -111,8 +111,10 @@ class Attention(nn.Module):
         key = torch.cat((past_key, k), dim=2)  # [B, kvh, P+T, hd]
         value = torch.cat((past_value, v), dim=2)
         k_all, v_all = self._repeat_kv(key), self._repeat_kv(value)  # [B, nh, P+T, hd]
-        scores = torch.matmul(q, k_all.transpose(2, 3)) * (self.head_dim ** -0.5) + mask
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        scores = torch.matmul(q, k_all.transpose(2, 3)) * (self.head_dim ** -0.5)  # [B, nh, T, P+T]
+        # mask and softmax in fp32: in fp16, score + finfo(fp16).min can round to -inf, and a fully
+        # masked (padding) row would then turn into NaN and leak into real tokens through V
+        probs = F.softmax(scores.float() + mask.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, v_all).transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
         return self.o_proj(out), key, value
 
