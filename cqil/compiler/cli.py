@@ -92,6 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile a LLaMA-family HuggingFace checkpoint into a CQIL engine directory.")
     parser.add_argument("model", help="local HuggingFace checkpoint folder")
     add_plan_flags(parser)
+    parser.add_argument("-o", "--output", help="engine directory to write")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="weight and activation dtype of the engine (default float32)")
+    parser.add_argument("--max-seq-len", type=int, help="longest prompt + generation (default: max_position_embeddings)")
+    parser.add_argument("--adapter", help="LoRA adapter folder (cqil-finetune) to merge before export")
+    parser.add_argument("--allow-plan-mismatch", action="store_true",
+                        help="merge an adapter even if it was trained for another plan")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
     return parser
@@ -102,7 +111,16 @@ def main(argv=None) -> int:
     cfg = ModelConfig.from_dir(args.model)
     plan, source = plan_from_args(cfg, args)
     if not args.dry_run:
-        raise CqilError("writing an engine is not available yet; use --dry-run")
+        if not args.output:
+            raise CqilError("give -o ENGINE_DIR (or --dry-run to only print the plan)")
+        from cqil.compiler.compile import compile_model
+
+        compile_model(args.model, args.output, p=args.p, start=args.start, end=args.end, bypass=args.bypass,
+                      semantics=args.bypass_semantics, replicate_outer=args.replicate_outer, dtype=args.dtype,
+                      max_seq_len=args.max_seq_len, force=args.force, adapter=args.adapter,
+                      allow_plan_mismatch=args.allow_plan_mismatch, progress=not args.no_progress,
+                      log=lambda msg: print(msg, file=sys.stderr))
+        return 0
     t0 = time.perf_counter()
     gm = build_graph(build_meta_model(cfg), plan)  # checks the plan against the real graph, no weights
     d = describe(cfg, plan, source)

@@ -68,6 +68,8 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
     plan, source = resolve_plan(cfg, p=p, start=start, end=end, bypass=bypass, semantics=semantics,
                                 replicate_outer=replicate_outer)
     log(f"plan ({source}): {plan}")
+    if plan.p > 1 and not plan.groups:
+        log(f"warning: the range [{plan.start}, {plan.end}) holds no group; the model runs unchanged on rank 0")
 
     if adapter is not None:  # merging needs the whole model in memory
         from cqil.quality.adapter import merge_adapter

@@ -1,0 +1,57 @@
+"""In-process collectives between rank threads.
+
+Every rank deposits its value and waits at one barrier; the last thread to arrive combines the
+values (in rank order, so the result is bit-identical to the single-graph reference) before any
+thread is released. A rank that fails aborts the barrier, so the others stop waiting at once
+instead of hanging.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from cqil.errors import CqilError
+
+
+class LocalCollectives:
+    def __init__(self, world_size: int, timeout: float | None = 600.0):
+        self.world_size = world_size
+        self.timeout = timeout
+        self._values: list = [None] * world_size
+        self._kind = None
+        self._result = None
+        self._barrier = threading.Barrier(world_size, action=self._combine, timeout=timeout)
+
+    def _combine(self):
+        values = self._values
+        if self._kind == "all_reduce":
+            total = values[0]
+            for v in values[1:]:
+                total = total + v
+            self._result = total
+        elif self._kind == "all_gather":
+            self._result = list(values)
+        else:  # broadcast from rank 0
+            self._result = values[0]
+        self._values = [None] * self.world_size
+
+    def __call__(self, rank: int, kind: str, value):
+        """Take part in collective `kind` with `value`; returns the combined result."""
+        if self.world_size == 1:
+            return [value] if kind == "all_gather" else value
+        self._values[rank] = value
+        self._kind = kind
+        try:
+            self._barrier.wait()
+        except threading.BrokenBarrierError:
+            raise CqilError(f"rank {rank}: {kind} abandoned (another rank failed or timed out)") from None
+        # Safe to read without a second barrier: the next combine (which overwrites _result) runs
+        # only once every rank has arrived at the next collective, i.e. after all have read this one.
+        return self._result
+
+    def abort(self):
+        self._barrier.abort()
+
+    def reset(self):
+        self._barrier.reset()
+        self._values = [None] * self.world_size
