@@ -25,8 +25,9 @@ import numpy as np
 from cqil.compiler.config import ModelConfig
 from cqil.errors import CqilError
 from cqil.exporters.manifest import read_manifest
-from cqil.passes.partition import Step
+from cqil.schedule import Step
 from cqil.plan import Plan
+from cqil.runtime import backends
 from cqil.runtime.collectives import LocalCollectives
 from cqil.runtime.sampling import check_sampling, sample
 
@@ -34,24 +35,23 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 
 
-def load(engine_dir, threads: int | None = None, verify: bool = True, providers=None,
-         collective_timeout: float = 600.0) -> "Engine":
-    """Open an engine directory. `threads`: total intra-op threads (default: all cores)."""
-    return Engine(engine_dir, threads=threads, verify=verify, providers=providers,
-                  collective_timeout=collective_timeout)
-
-
-class Segment:
-    def __init__(self, session, inputs: list[str], outputs: list[str], weight_bytes: int):
-        self.session, self.inputs, self.outputs, self.weight_bytes = session, inputs, outputs, weight_bytes
-
-    def __call__(self, env: dict) -> None:
-        env.update(zip(self.outputs, self.session.run(self.outputs, {n: env[n] for n in self.inputs})))
+def load(engine_dir, **options) -> "Engine":
+    """Open an engine directory; options as `Engine`."""
+    return Engine(engine_dir, **options)
 
 
 class Engine:
-    def __init__(self, engine_dir, threads=None, verify=True, providers=None, collective_timeout=600.0,
-                 ranks=None):
+    """An opened engine directory.
+
+    - `threads`: total intra-op threads, split evenly between the ranks held here (default: all cores)
+    - `verify`: check every file's sha256 against the manifest first
+    - `backend`: "onnxruntime" (default); see `cqil.runtime.backends`
+    - `ranks`: the ranks this process runs (default all, as threads); with `collectives` (e.g.
+      torch.distributed ones) one process per rank holds only its own rank's segments
+    """
+
+    def __init__(self, engine_dir, threads=None, verify=True, backend="onnxruntime", providers=None,
+                 collective_timeout=600.0, ranks=None, collectives=None):
         self.dir = Path(engine_dir)
         self.manifest = read_manifest(self.dir, verify=verify)
         self.config = ModelConfig.from_dict(self.manifest["model"])
@@ -59,39 +59,24 @@ class Engine:
         self.max_seq_len = int(self.manifest["max_seq_len"])
         self.float_dtype = _NP_DTYPES[self.manifest["dtype"]]
         ranks_info = {r["rank"]: r for r in self.manifest["ranks"]}
-        self.ranks = sorted(ranks_info) if ranks is None else list(ranks)
+        self.ranks = sorted(ranks_info) if ranks is None else sorted(ranks)
+        if collectives is None and self.ranks != sorted(ranks_info):
+            raise CqilError(f"engine: running ranks {self.ranks} of {sorted(ranks_info)} needs collectives "
+                            f"that reach the other ranks (see cqil.runtime.launch)")
         threads = threads or os.cpu_count() or 1
         per_rank = max(1, threads // len(self.ranks))
         self.programs = {r: [Step.from_dict(s) for s in ranks_info[r]["program"]] for r in self.ranks}
         self.kv_layers = {r: ranks_info[r]["kv_layers"] for r in self.ranks}
-        self.segments = {r: {s["name"]: self._open(s, per_rank, providers) for s in ranks_info[r]["segments"]}
-                         for r in self.ranks}
+        open_segment = backends.get(backend)
+        self.segments = {r: {s["name"]: open_segment(self, r, s, threads=per_rank, providers=providers)
+                             for s in ranks_info[r]["segments"]} for r in self.ranks}
         self._check_programs()
-        self.collectives = LocalCollectives(len(self.ranks), timeout=collective_timeout)
+        self.collectives = collectives or LocalCollectives(len(self.ranks), timeout=collective_timeout)
         self._pool = ThreadPoolExecutor(len(self.ranks) - 1) if len(self.ranks) > 1 else None
         self.stats: dict = {}
         self._tokenizer = None
 
     # -- loading ------------------------------------------------------------------------------
-
-    def _open(self, rec: dict, threads: int, providers) -> Segment:
-        import onnxruntime as ort
-
-        path = self.dir / rec["files"][0]
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
-        except Exception as e:
-            raise CqilError(f"engine: cannot load {rec['files'][0]}: {str(e).splitlines()[0]}") from None
-        want_in, want_out = [t["name"] for t in rec["inputs"]], [t["name"] for t in rec["outputs"]]
-        got_in, got_out = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
-        if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
-            unknown = sorted(set(got_in + got_out) - set(want_in + want_out)) or sorted(set(want_in + want_out) - set(got_in + got_out))
-            raise CqilError(f"engine: {rec['files'][0]} does not match the manifest: unknown tensor name(s) {unknown}")
-        return Segment(session, want_in, want_out, rec.get("weight_bytes", 0))
 
     def _check_programs(self):
         """Every tensor a step reads must be a model input or produced by an earlier step."""
@@ -123,6 +108,7 @@ class Engine:
         return self._tokenizer
 
     def weight_bytes(self, rank: int) -> int:
+        """Bytes of weights held by the loaded segments of `rank`."""
         return sum(s.weight_bytes for s in self.segments[rank].values())
 
     def close(self):
@@ -151,7 +137,7 @@ class Engine:
                 segments[step.segment](env)
                 continue
             value = env[step.inputs[0]] if (step.kind != "broadcast" or rank == 0) else None
-            result = self.collectives(self.ranks.index(rank), step.kind, value)
+            result = self.collectives(rank, step.kind, value)
             if step.kind == "all_gather":
                 env.update(zip(step.outputs, result))
             else:
@@ -176,7 +162,7 @@ class Engine:
         for r in self.ranks:
             for name in cache[r]:
                 cache[r][name] = envs[r]["present." + name.removeprefix("past_key_values.")]
-        return envs[self.ranks[0]]["logits"]
+        return envs[0]["logits"] if 0 in envs else None
 
     # -- user API -----------------------------------------------------------------------------
 
@@ -218,6 +204,10 @@ class Engine:
         return ids, mask
 
     @staticmethod
+    def _last(logits):
+        return None if logits is None else logits[:, -1]
+
+    @staticmethod
     def positions(mask: np.ndarray) -> np.ndarray:
         return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
 
@@ -225,7 +215,7 @@ class Engine:
         """Full-sequence logits [B, T, V] (float32) of a fresh prefill."""
         ids, mask = self.prepare(input_ids, attention_mask)
         out = self.forward(ids, mask, self.positions(mask), self.new_cache(ids.shape[0]))
-        return out.astype(np.float32, copy=False)
+        return None if out is None else out.astype(np.float32, copy=False)
 
     def generate(self, input_ids, max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None, eos_token_id=None,
@@ -251,14 +241,16 @@ class Engine:
         cache = self.new_cache(B)
         positions = self.positions(mask)
         t0 = time.perf_counter()
-        logits = self.forward(ids, mask, positions, cache)[:, -1]
+        logits = self._last(self.forward(ids, mask, positions, cache))
         t_prefill = time.perf_counter() - t0
         finished = np.zeros(B, bool)
         new = np.zeros((B, max_new_tokens), np.int64)
         steps = 0
         t1 = time.perf_counter()
         for i in range(max_new_tokens):
-            token = np.where(finished, pad, sample(logits, do_sample, temperature, top_k, top_p, rng))
+            # rank 0 chooses; with ranks in other processes, the collectives carry its choice to them
+            chosen = sample(logits, do_sample, temperature, top_k, top_p, rng) if logits is not None else None
+            token = np.where(finished, pad, self.collectives.share_tokens(chosen))
             new[:, i] = token
             steps = i + 1
             if emit is not None:
@@ -268,7 +260,7 @@ class Engine:
                 break
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
             positions = positions[:, -1:] + 1
-            logits = self.forward(token[:, None], mask, positions, cache)[:, -1]
+            logits = self._last(self.forward(token[:, None], mask, positions, cache))
         t_decode = time.perf_counter() - t1
         if streamer is not None and hasattr(streamer, "end"):
             streamer.end()

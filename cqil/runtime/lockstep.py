@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from cqil.errors import CqilError
-from cqil.passes.partition import Step
+from cqil.schedule import Step
 
 RunSegment = Callable[[int, str, dict], dict]  # (rank, segment name, feeds) -> outputs
 
