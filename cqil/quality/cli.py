@@ -117,7 +117,7 @@ def format_analysis(model: str, sim, suggestion, plot: str | None) -> str:
 
 def finetune_parser() -> argparse.ArgumentParser:
     from cqil.quality.finetune import Settings
-    from cqil.quality.lora import DEFAULT_TARGETS
+    from cqil.quality.adapter import DEFAULT_TARGETS
 
     d = Settings()
     parser = argparse.ArgumentParser(
@@ -144,11 +144,10 @@ def finetune_parser() -> argparse.ArgumentParser:
 
 
 def finetune_main(argv=None) -> int:
-    import torch
-
-    from cqil.compiler.loader import load_model
+    from cqil.compiler.loader import build_meta_model, load_model
     from cqil.quality.data import load_token_stream
     from cqil.quality.finetune import Settings, finetune
+    from cqil.quality.adapter import lora_config
 
     args = finetune_parser().parse_args(argv)
     cfg = ModelConfig.from_dir(args.model)
@@ -157,9 +156,9 @@ def finetune_main(argv=None) -> int:
                         targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                         seq_len=_seq_len(args.seq_len, Settings().seq_len, cfg.max_position_embeddings),
                         batch=args.batch, kd=args.kd, save_every=max(args.save_every, 0), seed=args.seed)
+    lora_config(build_meta_model(cfg), settings.rank, settings.alpha, settings.targets)  # check --targets early
     stream = load_token_stream(args.data, args.model, args.max_tokens)
     model = load_model(args.model, max_seq_len=settings.seq_len, cfg=cfg)
-    torch.manual_seed(args.seed)  # LoRA's A matrices are initialised randomly
     print(f"cqil-finetune: {plan} ({source}); {len(stream)} tokens; "
           f"{'self-distillation' if settings.kd else 'next-token'} loss", file=sys.stderr)
     result = finetune(model, plan, stream, settings, args.output, resume=args.resume, base_model_name=args.model)

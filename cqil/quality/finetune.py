@@ -36,7 +36,7 @@ from cqil.compiler.pipeline import build_graph
 from cqil.errors import CqilError
 from cqil.plan import Plan
 from cqil.quality.data import check_vocab
-from cqil.quality.lora import DEFAULT_TARGETS, PLAN_FILE, lora_config, write_plan
+from cqil.quality.adapter import DEFAULT_TARGETS, PLAN_FILE, lora_config, write_plan
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"
@@ -99,8 +99,10 @@ def finetune(model: CausalLM, plan: Plan, stream: torch.Tensor, settings: Settin
     _check_inputs(model, plan, stream, settings, out, resume)
     state = _read_checkpoint_state(out, plan, settings) if resume else None
 
-    student = peft.get_peft_model(build_graph(model, plan),
-                                  lora_config(model, settings.rank, settings.alpha, settings.targets))
+    config = lora_config(model, settings.rank, settings.alpha, settings.targets)
+    with torch.random.fork_rng():  # LoRA's A matrices start random: seed them, leave the caller's RNG alone
+        torch.manual_seed(settings.seed)
+        student = peft.get_peft_model(build_graph(model, plan), config)
     student.peft_config["default"].base_model_name_or_path = base_model_name
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
@@ -194,7 +196,9 @@ def _load_checkpoint(student, optimizer, folder: Path) -> int:
 
 
 def _write_adapter(student, plan: Plan, folder: Path):
-    student.save_pretrained(str(folder))
+    # "auto" would ask model.config.__class__.from_pretrained (an HF-config method) whether the
+    # vocabulary was resized; ours never is, as embeddings are not LoRA targets.
+    student.save_pretrained(str(folder), save_embedding_layers=False)
     write_plan(folder, plan)
 
 

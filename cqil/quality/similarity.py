@@ -106,7 +106,7 @@ def suggest_range(sim: Similarity, p: int, threshold: float = DEFAULT_THRESHOLD)
     Rule: among ranges with end <= L-2 (the last two layers stay sequential, as in the authors' S12
     E30 / S14 E30 and `Plan.default`) and end - start a multiple of p, take the **longest range in
     which every layer's input is at least `threshold`-similar to its group's input**; ties go to
-    the higher mean similarity. A threshold on the worst member, not the mean, keeps a range from
+    the higher mean similarity, then to the earlier start. A threshold on the worst member, not the mean, keeps a range from
     swallowing one layer (often layer 0 or 1, whose input is nearly the raw embedding) that CQIL
     would break. When no single group meets the threshold, the group with the highest mean
     similarity is suggested and `met_threshold` is False; a model with fewer than p + 2 layers gets

@@ -19,7 +19,7 @@ from cqil.compiler.loader import load_model
 from cqil.compiler.pipeline import build_graph, resolve_plan
 from cqil.errors import CqilError
 from cqil.plan import Plan
-from cqil.quality.lora import merge_adapter
+from cqil.quality.adapter import merge_adapter
 
 MANIFEST = "manifest.json"
 
@@ -89,6 +89,8 @@ def engine_target(engine_dir: str | Path) -> Target:
         return engine.logits(np.ascontiguousarray(ids.numpy(), dtype=np.int64))
 
     plan = getattr(engine, "plan", None)
-    return Target("engine", logits, Path(engine_dir), getattr(engine, "vocab_size", None),
-                  getattr(engine, "max_seq_len", None), plan if isinstance(plan, Plan) else None,
-                  {"engine": str(engine_dir)})
+    vocab_size = getattr(getattr(engine, "config", None), "vocab_size", None)
+    return Target("engine", logits, Path(engine_dir), vocab_size, getattr(engine, "max_seq_len", None),
+                  plan if isinstance(plan, Plan) else None,
+                  {"engine": str(engine_dir), "plan": plan.to_dict() if isinstance(plan, Plan) else None,
+                   "plan_text": f"engine, {plan}" if isinstance(plan, Plan) else "engine"})
