@@ -49,8 +49,12 @@ class LocalCollectives:
         # only once every rank has arrived at the next collective, i.e. after all have read this one.
         return self._result
 
-    def share_tokens(self, tokens):
-        """Rank 0's chosen tokens, for every rank: in one process, they are already shared."""
+    def share_tokens(self, tokens, batch: int):
+        """Rank 0's chosen tokens (int64 [batch]; None on other ranks), for every rank.
+
+        In one process they are already shared; across processes (`cqil.runtime.dist`) the other
+        ranks receive them into a buffer of `batch` tokens.
+        """
         return tokens
 
     def abort(self):

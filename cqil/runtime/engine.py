@@ -250,7 +250,7 @@ class Engine:
         for i in range(max_new_tokens):
             # rank 0 chooses; with ranks in other processes, the collectives carry its choice to them
             chosen = sample(logits, do_sample, temperature, top_k, top_p, rng) if logits is not None else None
-            token = np.where(finished, pad, self.collectives.share_tokens(chosen))
+            token = np.where(finished, pad, self.collectives.share_tokens(chosen, B))
             new[:, i] = token
             steps = i + 1
             if emit is not None:
