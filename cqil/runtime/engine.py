@@ -45,19 +45,20 @@ class Engine:
 
     - `threads`: total intra-op threads, split evenly between the ranks held here (default: all cores)
     - `verify`: check every file's sha256 against the manifest first
-    - `backend`: "onnxruntime" (default); see `cqil.runtime.backends`
+    - `backend`: "onnxruntime" (default), "torch" or "tensorrt"; see `cqil.runtime.backends`;
+      other keyword options go to the backend (e.g. torch: `devices=["cuda:0", "cuda:1"]`)
     - `ranks`: the ranks this process runs (default all, as threads); with `collectives` (e.g.
       torch.distributed ones) one process per rank holds only its own rank's segments
     """
 
     def __init__(self, engine_dir, threads=None, verify=True, backend="onnxruntime", providers=None,
-                 collective_timeout=600.0, ranks=None, collectives=None):
+                 collective_timeout=600.0, ranks=None, collectives=None, **backend_options):
         self.dir = Path(engine_dir)
         self.manifest = read_manifest(self.dir, verify=verify)
         self.config = ModelConfig.from_dict(self.manifest["model"])
         self.plan = Plan.from_dict(self.manifest["plan"])
         self.max_seq_len = int(self.manifest["max_seq_len"])
-        self.float_dtype = _NP_DTYPES[self.manifest["dtype"]]
+        self.float_dtype = _NP_DTYPES.get(self.manifest["dtype"], np.float32)  # bfloat16: backends cast
         ranks_info = {r["rank"]: r for r in self.manifest["ranks"]}
         self.ranks = sorted(ranks_info) if ranks is None else sorted(ranks)
         if collectives is None and self.ranks != sorted(ranks_info):
@@ -68,10 +69,11 @@ class Engine:
         self.programs = {r: [Step.from_dict(s) for s in ranks_info[r]["program"]] for r in self.ranks}
         self.kv_layers = {r: ranks_info[r]["kv_layers"] for r in self.ranks}
         open_segment = backends.get(backend)
-        self.segments = {r: {s["name"]: open_segment(self, r, s, threads=per_rank, providers=providers)
+        self.segments = {r: {s["name"]: open_segment(self, r, s, threads=per_rank, providers=providers,
+                                                       **backend_options)
                              for s in ranks_info[r]["segments"]} for r in self.ranks}
         self._check_programs()
-        self.collectives = collectives or LocalCollectives(len(self.ranks), timeout=collective_timeout)
+        self.collectives = collectives or backends.collectives(backend, self, collective_timeout)
         self._pool = ThreadPoolExecutor(len(self.ranks) - 1) if len(self.ranks) > 1 else None
         self.stats: dict = {}
         self._tokenizer = None
