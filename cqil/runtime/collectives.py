@@ -36,7 +36,11 @@ class LocalCollectives:
         self._values = [None] * self.world_size
 
     def __call__(self, rank: int, kind: str, value):
-        """Take part in collective `kind` with `value`; returns the combined result."""
+        """Take part in collective `kind` with `value`; returns the combined result.
+
+        For a broadcast, ranks other than 0 pass an empty array of the expected shape and dtype
+        (unused here; a receive buffer for collectives between processes).
+        """
         if self.world_size == 1:
             return [value] if kind == "all_gather" else value
         self._values[rank] = value

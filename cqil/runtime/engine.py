@@ -68,6 +68,8 @@ class Engine:
         per_rank = max(1, threads // len(self.ranks))
         self.programs = {r: [Step.from_dict(s) for s in ranks_info[r]["program"]] for r in self.ranks}
         self.kv_layers = {r: ranks_info[r]["kv_layers"] for r in self.ranks}
+        # tensor records by name, to size the buffers a rank receives into from another process
+        self.tensors = {r: {t["name"]: t for s in ranks_info[r]["segments"] for t in s["inputs"]} for r in self.ranks}
         open_segment = backends.get(backend)
         self.segments = {r: {s["name"]: open_segment(self, r, s, threads=per_rank, providers=providers,
                                                        **backend_options)
@@ -138,13 +140,20 @@ class Engine:
             if step.kind == "segment":
                 segments[step.segment](env)
                 continue
-            value = env[step.inputs[0]] if (step.kind != "broadcast" or rank == 0) else None
+            value = env[step.inputs[0]] if (step.kind != "broadcast" or rank == 0) else self._buffer(rank, step.outputs[0], env)
             result = self.collectives(rank, step.kind, value)
             if step.kind == "all_gather":
                 env.update(zip(step.outputs, result))
             else:
                 env[step.outputs[0]] = result
         return env
+
+    def _buffer(self, rank: int, name: str, env: dict) -> np.ndarray:
+        """An empty array shaped like tensor `name` of this step (from its manifest record)."""
+        rec = self.tensors[rank][name]
+        (B, T), total = env["input_ids"].shape, env["attention_mask"].shape[1]
+        dims = {"batch": B, "sequence": T, "total_sequence": total, "past_sequence": total - T}
+        return np.empty([dims.get(d, d) for d in rec["shape"]], _NP_DTYPES[rec["dtype"]])
 
     def forward(self, input_ids, attention_mask, position_ids, cache) -> np.ndarray:
         """One step for every rank; updates `cache` in place; returns logits [B, T, V]."""
