@@ -32,6 +32,7 @@ from cqil.runtime.collectives import LocalCollectives
 from cqil.runtime.sampling import check_sampling, sample
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+TOKENIZER_DEFINING = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_}
 
 
@@ -103,12 +104,21 @@ class Engine:
                 raise CqilError("engine: rank 0 never produces logits")
 
     @property
+    def has_tokenizer(self) -> bool:
+        """Whether the engine directory holds a tokenizer (generation_config.json alone is not one)."""
+        return any(f in TOKENIZER_DEFINING for f in self.manifest.get("tokenizer_files", ()))
+
+    @property
     def tokenizer(self):
         if self._tokenizer is None:
-            if not self.manifest.get("tokenizer_files"):
+            if not self.has_tokenizer:
                 raise CqilError(f"engine: {self.dir} has no tokenizer files; pass token ids instead of text")
             from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.dir))
+            except Exception as e:  # missing sentencepiece, a broken tokenizer.json, ...
+                raise CqilError(f"engine: cannot load the tokenizer in {self.dir}: "
+                                f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
         return self._tokenizer
 
     def weight_bytes(self, rank: int) -> int:
@@ -190,9 +200,13 @@ class Engine:
             if mask.shape != ids.shape:
                 raise CqilError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
         else:
-            rows = [list(r) for r in input_ids]
-            if rows and not isinstance(rows[0], list) and all(isinstance(x, (int, np.integer)) for x in rows):
+            rows = list(input_ids)
+            if rows and all(isinstance(x, (int, np.integer)) for x in rows):
                 rows = [rows]  # a single sequence given flat
+            try:
+                rows = [list(r) for r in rows]
+            except TypeError:
+                raise CqilError("input_ids must be a list of token-id lists, or one flat list of ids") from None
             if not rows or any(len(r) == 0 for r in rows):
                 raise CqilError("input_ids must hold at least one non-empty sequence")
             width = max(len(r) for r in rows)
