@@ -7,9 +7,11 @@ merge_and_unload on transformers' LlamaForCausalLM.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
+import sys
 
 import pytest
 import torch
@@ -270,14 +272,21 @@ def test_analyze_cli(model_dir, data_file, tmp_path, capsys):
     suggested = Plan.from_dict(result["suggested"]["plan"])
     assert suggested.p == 2 and suggested.end <= 4 and suggested.groups
     assert result["tokens"] == len(data_file.read_bytes())
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         assert "plot skipped" in err
     else:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc, out, _ = cli_run(cli.analyze_main, [model_dir, "--data", data_file, "--p", 2, "--seq-len", 64], capsys)
     assert rc == 0 and "suggested for p=2: --start" in out
+
+
+def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path):
+    from cqil.quality.plot import PlotUnavailable, plot_similarity
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
+    sim = similarity(4, [0.9, 0.95, 0.97])
+    with pytest.raises(PlotUnavailable, match="pip install matplotlib"):
+        plot_similarity(sim, suggest_range(sim, 2), 0.9, tmp_path / "x.png")
 
 
 def similarity(L, adjacent, two_back=None) -> Similarity:

@@ -76,6 +76,8 @@ def perplexity(logits_fn: LogitsFn, ids: torch.Tensor, seq_len: int, stride: int
             targets = ids[w.first_scored:w.end]  # [n]
             nll_sum += F.cross_entropy(predicting, targets, reduction="sum").item()
             scored += len(targets)
+    if scored == 0:
+        raise CqilError(f"perplexity: {len(ids)} token(s) leave nothing to score; at least 2 are needed")
     mean_nll = nll_sum / scored
     return {"perplexity": math.exp(mean_nll), "nll": mean_nll, "tokens": scored, "windows": len(windows)}
 
