@@ -47,6 +47,15 @@ def check_destination(out_dir: Path, force: bool):
         raise CqilError(f"output {out_dir} exists and is not empty; pass --force to replace it")
 
 
+def segment_params(seg, cfg: ModelConfig) -> list[str]:
+    """The parameter names a segment needs loaded. With tied embeddings the loader points lm_head at
+    the embedding after every load, so a segment that holds lm_head needs the embedding loaded too."""
+    names = param_names(seg.gm)
+    if cfg.tie_word_embeddings and "lm_head.weight" in names and "model.embed_tokens.weight" not in names:
+        names.append("model.embed_tokens.weight")
+    return names
+
+
 def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = None, end: int | None = None,
                   bypass: int | None = None, semantics: str = "once", replicate_outer: bool = False,
                   dtype: str = "float32", max_seq_len: int | None = None, force: bool = False,
@@ -82,8 +91,8 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
     else:  # stream: one segment's weights at a time
         model = build_meta_model(cfg, max_seq_len, dtype)
         weights = Weights(model_dir, model, dtype)
-        materialize = lambda seg: weights.materialize(param_names(seg.gm))
-        release = lambda seg: weights.release(param_names(seg.gm))
+        materialize = lambda seg: weights.materialize(segment_params(seg, cfg))
+        release = lambda seg: weights.release(segment_params(seg, cfg))
 
     part = partition(build_graph(model, plan))
     n_segments = sum(len(s) for s in part.segments.values())
