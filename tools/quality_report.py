@@ -4,10 +4,10 @@
 
 Rows: the original model; CQIL with p=2 and p=4 over the range cqil-analyze suggests, bypass d=0
 and d=1, each before and after a short self-distillation LoRA run (cqil-finetune's defaults apart
-from --steps/--lr/--seq-len/--batch). The model's `heldout.txt` is split in two: the first half is
-what the similarity analysis and the LoRA runs see, the second half is only scored, so neither the
-chosen range nor the adapters have seen the text they are measured on. The similarity plot is
-written next to the report.
+from --steps/--lr/--seq-len/--batch). The model's `heldout.txt` is split in two: its last
+`--eval-tokens` tokens are only scored; everything before them is what the similarity analysis and
+the LoRA runs see, so neither the chosen range nor the adapters have seen the scored text. The
+similarity plot is written next to the report.
 
 It calls the library functions behind cqil-analyze / cqil-finetune / cqil-eval, so the numbers are
 exactly what those commands print. Runs on one CPU thread.
@@ -49,6 +49,7 @@ def main(argv=None):
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--stride", type=int, default=64)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--ps", default="2,4")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -56,11 +57,12 @@ def main(argv=None):
     model_dir = Path(args.model)
     out = Path(args.out)
     ids = tokenize(load_tokenizer(model_dir), read_text(model_dir / "heldout.txt"))
-    train_ids, eval_ids = ids[: len(ids) // 2], ids[len(ids) // 2:]
+    split = max(len(ids) - args.eval_tokens, len(ids) // 2)
+    train_ids, eval_ids = ids[:split], ids[split:]
     cfg_layers = load_model(model_dir).config.num_layers
     started = time.perf_counter()
 
-    sim = measure(load_model(model_dir), train_ids, args.seq_len, max_offset=max(int(p) for p in args.ps.split(",")) - 1)
+    sim = measure(load_model(model_dir), train_ids[:8192], args.seq_len, max_offset=max(int(p) for p in args.ps.split(",")) - 1)
     rows = [("original", "-", "-", evaluate(model_dir, Plan(cfg_layers, 1, 0, 0), eval_ids, args.seq_len, args.stride), None, None)]
     suggestions = {}
     for p in (int(x) for x in args.ps.split(",")):
@@ -96,13 +98,13 @@ def render(args, model_dir, sim, suggestions, rows, plot_name, n_train, n_eval, 
         "# CQIL quality on the fixture model",
         "",
         f"Written by `python tools/quality_report.py --steps {args.steps} --lr {args.lr} --rank {args.rank} "
-        f"--seq-len {args.seq_len} --batch {args.batch} --stride {args.stride}` "
+        f"--seq-len {args.seq_len} --batch {args.batch} --stride {args.stride} --eval-tokens {args.eval_tokens}` "
         f"({seconds / 60:.1f} min on one CPU thread).",
         "",
         f"Model: `{model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir}` "
-        f"({sim.num_layers} layers). Text: its `heldout.txt`, split in two halves: the first "
-        f"({n_train} tokens) is what the similarity analysis and the LoRA runs see, the second ({n_eval} tokens) "
-        f"is only scored. Perplexity: windows of {args.seq_len} tokens, stride {args.stride} (cqil-eval's code).",
+        f"({sim.num_layers} layers). Text: its `heldout.txt` (never seen in its training), split in two: the "
+        f"first {n_train} tokens are what the similarity analysis and the LoRA runs see, the last {n_eval} tokens "
+        f"are only scored. Perplexity: windows of {args.seq_len} tokens, stride {args.stride} (cqil-eval's code).",
         "",
         "| model | range | d | perplexity | vs original | after LoRA (KD) | vs original | LoRA time |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
