@@ -6,11 +6,19 @@ argparse), 130 interrupted. Set CQIL_DEBUG=1 to see the traceback of an unexpect
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import traceback
 
 from cqil.errors import CqilError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage stays in --help)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def run_main(prog: str, main, argv=None) -> int:
@@ -22,6 +30,9 @@ def run_main(prog: str, main, argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as e:  # an unexpected failure is still reported on one line
         if os.environ.get("CQIL_DEBUG"):
             traceback.print_exc()

@@ -75,6 +75,8 @@ class Plan:
             raise CqilError(
                 f"plan: bypass semantics must be one of {', '.join(SEMANTICS)}, got {self.semantics!r}"
             )
+        if d == 0:  # without a bypass both semantics are the same model: one spelling for it
+            object.__setattr__(self, "semantics", "once")
         groups = tuple(tuple(range(g, g + p)) for g in range(s, e, p)) if p > 1 else ()
         object.__setattr__(self, "groups", groups)
 

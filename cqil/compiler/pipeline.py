@@ -19,16 +19,22 @@ PASSES = [group_layers]
 
 
 def resolve_plan(cfg: ModelConfig, p: int | None = None, start: int | None = None, end: int | None = None,
-                 bypass: int | None = None, semantics: str = "once", replicate_outer: bool = False) -> tuple[Plan, str]:
-    """The plan and where it came from ('flags', 'checkpoint config (cqil_layers)', 'default range')."""
+                 bypass: int | None = None, semantics: str | None = None,
+                 replicate_outer: bool = False) -> tuple[Plan, str]:
+    """The plan and where it came from ('flags', 'checkpoint config (cqil_layers)', 'default range').
+
+    `semantics` defaults to "once", except for a plan read from the authors' `cqil_layers` keys:
+    their released adapters were trained with "reference".
+    """
     L = cfg.num_layers
-    common = dict(semantics=semantics, replicate_outer=replicate_outer)
     if start is None and end is None and "cqil_layers" in cfg.extra:
-        plan = Plan.from_authors_config(L, cfg.extra["cqil_layers"], cfg.extra.get("d", 0) if bypass is None else bypass, **common)
+        plan = Plan.from_authors_config(L, cfg.extra["cqil_layers"], cfg.extra.get("d", 0) if bypass is None else bypass,
+                                        semantics=semantics or "reference", replicate_outer=replicate_outer)
         if p is not None and p != plan.p:
             raise CqilError(f"plan: the checkpoint's cqil_layers use p={plan.p}, but --p {p} was given; "
                             f"pass --start/--end to override the checkpoint's plan")
         return plan, "checkpoint config (cqil_layers)"
+    common = dict(semantics=semantics or "once", replicate_outer=replicate_outer)
     if p is None:
         raise CqilError("plan: give --p (the number of layers per group / ranks)")
     bypass = bypass or 0
