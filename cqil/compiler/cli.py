@@ -12,6 +12,7 @@ from cqil.compiler.config import ModelConfig
 from cqil.compiler.loader import build_meta_model
 from cqil.compiler.pipeline import build_graph, resolve_plan
 from cqil.errors import CqilError
+from cqil.passes.partition import MAX_SEGMENT_BYTES
 from cqil.plan import SEMANTICS, Plan
 
 
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--adapter", help="LoRA adapter folder (cqil-finetune) to merge before export")
     parser.add_argument("--allow-plan-mismatch", action="store_true",
                         help="merge an adapter even if it was trained for another plan")
+    parser.add_argument("--max-segment-mb", type=float, default=MAX_SEGMENT_BYTES / 2**20,
+                        help="cut segments so that each holds at most this many MiB of weights, at layer "
+                             f"boundaries (default {MAX_SEGMENT_BYTES // 2**20}; 0: cut at collectives only)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
@@ -119,6 +123,7 @@ def main(argv=None) -> int:
                       semantics=args.bypass_semantics, replicate_outer=args.replicate_outer, dtype=args.dtype,
                       max_seq_len=args.max_seq_len, force=args.force, adapter=args.adapter,
                       allow_plan_mismatch=args.allow_plan_mismatch, progress=not args.no_progress,
+                      max_segment_bytes=int(args.max_segment_mb * 2**20) or None,
                       log=lambda msg: print(msg, file=sys.stderr))
         return 0
     t0 = time.perf_counter()

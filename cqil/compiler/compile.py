@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 from cqil.compiler.config import ModelConfig
-from cqil.compiler.loader import Weights, build_meta_model, load_model, param_names, parse_dtype
+from cqil.compiler.loader import Checkpoint, Weights, build_meta_model, load_model, param_names, parse_dtype
 from cqil.compiler.pipeline import build_graph, resolve_plan
 from cqil.errors import CqilError
 from cqil.exporters.manifest import FORMAT_VERSION, file_records, write_manifest
-from cqil.passes.partition import partition
+from cqil.passes.partition import MAX_SEGMENT_BYTES, partition
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -59,8 +59,13 @@ def segment_params(seg, cfg: ModelConfig) -> list[str]:
 def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = None, end: int | None = None,
                   bypass: int | None = None, semantics: str = "once", replicate_outer: bool = False,
                   dtype: str = "float32", max_seq_len: int | None = None, force: bool = False,
-                  adapter=None, allow_plan_mismatch: bool = False, progress: bool = True, log=print) -> Path:
-    """Compile `model_dir` into the engine directory `out_dir`; returns its path."""
+                  adapter=None, allow_plan_mismatch: bool = False, max_segment_bytes: int | None = MAX_SEGMENT_BYTES,
+                  progress: bool = True, log=print) -> Path:
+    """Compile `model_dir` into the engine directory `out_dir`; returns its path.
+
+    `max_segment_bytes` caps the weights of one exported segment (None: cut at collectives only);
+    with streaming, about this much weight is in memory at a time, times the exporter's copies.
+    """
     from tqdm import tqdm
 
     from cqil.exporters.onnx import export_partition
@@ -94,8 +99,9 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
         materialize = lambda seg: weights.materialize(segment_params(seg, cfg))
         release = lambda seg: weights.release(segment_params(seg, cfg))
 
-    part = partition(build_graph(model, plan))
+    part = partition(build_graph(model, plan), max_segment_bytes=max_segment_bytes)
     n_segments = sum(len(s) for s in part.segments.values())
+    log(f"segments per rank: {', '.join(f'rank {r}: {len(s)}' for r, s in part.segments.items())}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
     umask = os.umask(0)
@@ -129,9 +135,12 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    log(f"wrote {out_dir}: {n_segments} segments on {plan.p} rank(s) in {time.perf_counter() - t0:.1f} s, "
-        f"peak RSS {peak_mb:.0f} MiB")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's high-water mark (KiB on Linux)
+    checkpoint = Checkpoint(model_dir).file_bytes()
+    engine = sum(r["bytes"] for r in manifest["files"].values())
+    log(f"wrote {out_dir}: {n_segments} segments on {plan.p} rank(s) in {time.perf_counter() - t0:.1f} s; "
+        f"peak RSS {peak / 2**20:.0f} MiB = {peak / checkpoint:.2f} x the checkpoint ({checkpoint / 2**20:.0f} MiB); "
+        f"engine {engine / 2**20:.0f} MiB")
     return out_dir
 
 

@@ -78,6 +78,10 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def file_bytes(self) -> int:
+        """Size of the checkpoint's weight files on disk."""
+        return sum((self.dir / f).stat().st_size for f in set(self.weight_map.values()))
+
     def shape(self, name: str) -> tuple[int, ...]:
         f = self._file(self.weight_map[name])
         return tuple(f.get_slice(name).get_shape()) if hasattr(f, "get_slice") else tuple(f[name].shape)

@@ -21,6 +21,14 @@ Example, p=2, d=0, outer layers on rank 0::
 
     rank 0: seg0 (embed, layers 0..S-1) | broadcast | seg1 (group 0, rank-0 layer) | all_reduce[0] | ... | segN (final norm, lm_head)
     rank 1:                               broadcast | seg0 (group 0, rank-1 layer) | all_reduce[0] | ...
+
+With `max_segment_bytes`, a run between collectives whose weights exceed the cap is further cut into
+consecutive segments at layer boundaries (before a decoder layer, or before a module outside the
+layers such as lm_head), so that an exporter never holds more than about the cap in weights. Values
+crossing such a cut are carried like any other; no collective sits between the pieces. LLaMA-2-7B in
+fp16 (~405 MB a layer) with a 1 GiB cap, p=4, S14 E30::
+
+    rank 0: seg0 (embed, layers 0-1) | seg1 (layers 2-3) | ... | seg6 (layers 12-13) | broadcast | ...
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from cqil.errors import CqilError
@@ -36,6 +45,7 @@ from cqil.plan import Plan
 from cqil.schedule import Step
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
+MAX_SEGMENT_BYTES = 1 << 30  # the compile's default cap on one segment's weights
 
 
 @dataclass
@@ -109,7 +119,14 @@ def _owners(node: fx.Node, plan: Plan) -> set[int]:
     return set()
 
 
-def partition(gm: fx.GraphModule, plan: Plan | None = None) -> Partition:
+def partition(gm: fx.GraphModule, plan: Plan | None = None, max_segment_bytes: int | None = None) -> Partition:
+    """Segments and programs for every rank; `max_segment_bytes` caps a segment's weights (see above).
+
+    The cap is exceeded only by a segment holding a single unit that alone is larger: one decoder
+    layer's share of the run, or one module outside the layers.
+    """
+    if max_segment_bytes is not None and max_segment_bytes < 1:
+        raise CqilError(f"partition: max_segment_bytes must be positive, got {max_segment_bytes}")
     plan = plan or gm.meta.get("cqil.plan")
     if plan is None:
         raise CqilError("partition: the graph carries no plan; run group_layers first")
@@ -121,7 +138,7 @@ def partition(gm: fx.GraphModule, plan: Plan | None = None) -> Partition:
         if rank == 0:
             roots.append(next(n for n, name in outputs.items() if name == "logits"))
         needed = _closure(roots)
-        result.segments[rank], result.programs[rank] = _split(gm, nodes, needed, rank, outputs)
+        result.segments[rank], result.programs[rank] = _split(gm, nodes, needed, rank, outputs, max_segment_bytes)
     return result
 
 
@@ -136,9 +153,15 @@ def _closure(roots: list[fx.Node]) -> set[fx.Node]:
     return needed
 
 
-def _split(gm, nodes, needed, rank, outputs):
-    """Cut the rank's nodes (in graph order) at every collective into segments and steps."""
+def _split(gm, nodes, needed, rank, outputs, max_segment_bytes=None):
+    """Cut the rank's nodes (in graph order) at every collective, and by size, into segments and steps."""
     runs, steps, current = [], [], []
+
+    def close_run():
+        for piece in _cut_by_size(gm, current, max_segment_bytes):
+            runs.append(piece)
+            steps.append(len(runs) - 1)
+
     for n in nodes:
         kind = collective_kind(n)
         if kind is None:
@@ -146,8 +169,7 @@ def _split(gm, nodes, needed, rank, outputs):
                 current.append(n)
             continue
         if current:
-            runs.append(current)
-            steps.append(len(runs) - 1)
+            close_run()
             current = []
         if kind == "broadcast":
             steps.append(Step("broadcast", group=0, inputs=(value_name(n.args[0]),), outputs=(value_name(n),)))
@@ -159,8 +181,7 @@ def _split(gm, nodes, needed, rank, outputs):
             steps.append(Step("all_reduce", group=n.meta["cqil.group"], inputs=(value_name(n.args[rank]),),
                               outputs=(value_name(n),)))
     if current:
-        runs.append(current)
-        steps.append(len(runs) - 1)
+        close_run()
 
     # what the rank sends: its all_gather / all_reduce contributions, and (rank 0) the broadcast source
     sent = {s.inputs[0] for s in steps if isinstance(s, Step) and (rank == 0 or s.kind != "broadcast")}
@@ -177,6 +198,57 @@ def _split(gm, nodes, needed, rank, outputs):
         segments.append(_build_segment(gm, run, members, outs, outputs, rank, i))
     program = [Step("segment", segment=f"seg{s}") if isinstance(s, int) else s for s in steps]
     return segments, program
+
+
+def _node_weights(gm: fx.GraphModule, node: fx.Node) -> dict[int, int]:
+    """The parameters a node uses, id -> bytes (ids, so that tied weights count once).
+
+    Buffers (rope frequencies) are left out: they are tiny and recomputed, not weights to stream.
+    """
+    if node.op == "call_module":
+        params = gm.get_submodule(node.target).parameters()
+    elif node.op == "get_attr":
+        owner, _, attr = node.target.rpartition(".")
+        params = [getattr(gm.get_submodule(owner), attr)]
+    else:
+        return {}
+    return {id(t): t.numel() * t.element_size() for t in params if isinstance(t, torch.nn.Parameter)}
+
+
+def _cut_by_size(gm: fx.GraphModule, run: list[fx.Node], max_bytes: int | None) -> list[list[fx.Node]]:
+    """Cut a run into consecutive pieces whose weights stay under `max_bytes`.
+
+    A cut may fall only where a unit starts: a decoder layer (nodes sharing `cqil.layer`) or a
+    module outside the layers that holds weights (embedding, final norm, lm_head). Nodes without
+    weights and outside the layers (rope, mask, residual additions) stay with the unit before them.
+    """
+    if max_bytes is None:
+        return [run]
+
+    def unit(n: fx.Node):
+        layer = n.meta.get("cqil.layer")
+        if layer is not None:
+            return "layer", layer
+        return ("node", n.name) if _node_weights(gm, n) else None
+
+    unit_weights: dict = {}
+    for n in run:
+        if (key := unit(n)) is not None:
+            unit_weights.setdefault(key, {}).update(_node_weights(gm, n))
+    pieces, piece, held, started = [], [], {}, set()
+    for n in run:
+        key = unit(n)
+        if key is not None and key not in started:
+            started.add(key)
+            weights = unit_weights[key]
+            added = sum(b for i, b in weights.items() if i not in held)
+            if held and sum(held.values()) + added > max_bytes:
+                pieces.append(piece)
+                piece, held = [], {}
+            held.update(weights)
+        piece.append(n)
+    pieces.append(piece)
+    return pieces
 
 
 def _build_segment(gm, run, members, outs, model_outputs, rank, index) -> Segment:
