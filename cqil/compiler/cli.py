@@ -103,11 +103,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-segment-mb", type=float, default=MAX_SEGMENT_BYTES / 2**20,
                         help="cut segments so that each holds at most this many MiB of weights, at layer "
                              f"boundaries (default {MAX_SEGMENT_BYTES // 2**20}; 0: cut at collectives only)")
+    parser.add_argument("--formats", default="onnx",
+                        help="comma-separated: onnx (always), torch (per-rank safetensors for the torch backend), "
+                             "tensorrt (same as --backend tensorrt)")
+    parser.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                        help="tensorrt: also build a TensorRT plan per segment on this machine's GPU")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="largest batch the TensorRT plans accept (default 8)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
     return parser
+
+
+def _formats(args) -> tuple[str, ...]:
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    if args.backend == "tensorrt":
+        formats.append("tensorrt")
+    return tuple(dict.fromkeys(["onnx", *formats]))
 
 
 def main(argv=None) -> int:
@@ -123,6 +137,7 @@ def main(argv=None) -> int:
                       semantics=args.bypass_semantics, replicate_outer=args.replicate_outer, dtype=args.dtype,
                       max_seq_len=args.max_seq_len, force=args.force, adapter=args.adapter,
                       allow_plan_mismatch=args.allow_plan_mismatch, progress=not args.no_progress,
+                      formats=_formats(args), max_batch=args.max_batch,
                       max_segment_bytes=int(args.max_segment_mb * 2**20) or None,
                       log=lambda msg: print(msg, file=sys.stderr))
         return 0

@@ -23,6 +23,7 @@ from cqil.errors import CqilError
 from cqil.exporters.manifest import FORMAT_VERSION, file_records, write_manifest
 from cqil.passes.partition import MAX_SEGMENT_BYTES, partition
 
+FORMATS = ("onnx", "torch", "tensorrt")  # onnx always: tensor specs and the TensorRT build come from it
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 
@@ -38,6 +39,17 @@ def toolchain() -> dict:
 
     return {"cqil": cqil.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "transformers": transformers.__version__, "opset": OPSET}
+
+
+def check_formats(formats) -> tuple[str, ...]:
+    formats = tuple(dict.fromkeys([formats] if isinstance(formats, str) else formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise CqilError(f"unknown format(s) {', '.join(unknown)} (choose from {', '.join(FORMATS)})")
+    if "onnx" not in formats:
+        raise CqilError(f"formats {','.join(formats)} lack onnx: every engine has its ONNX segments "
+                        f"(the manifest's tensor specs and the TensorRT build come from them)")
+    return formats
 
 
 def check_destination(out_dir: Path, force: bool):
@@ -60,7 +72,8 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
                   bypass: int | None = None, semantics: str = "once", replicate_outer: bool = False,
                   dtype: str = "float32", max_seq_len: int | None = None, force: bool = False,
                   adapter=None, allow_plan_mismatch: bool = False, max_segment_bytes: int | None = MAX_SEGMENT_BYTES,
-                  progress: bool = True, log=print) -> Path:
+                  progress: bool = True, log=print,
+                  formats=("onnx",), max_batch: int = 8) -> Path:
     """Compile `model_dir` into the engine directory `out_dir`; returns its path.
 
     `max_segment_bytes` caps the weights of one exported segment (None: cut at collectives only);
@@ -73,6 +86,10 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     check_destination(out_dir, force)
+    formats = check_formats(formats)  # "onnx", plus "torch" (rank weights), "tensorrt" (plans)
+    if "tensorrt" in formats:  # fail before the slow part
+        from cqil.exporters.tensorrt import require_tensorrt
+        require_tensorrt()
     cfg = ModelConfig.from_dir(model_dir)
     max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
     if max_seq_len < 1:
@@ -92,12 +109,13 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
         model = merge_adapter(model, adapter, plan, allow_plan_mismatch=allow_plan_mismatch)
         model = model.to(parse_dtype(dtype)) if dtype not in ("float32", "fp32") else model
         model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.float()
-        materialize = release = lambda seg: None
+        load = unload = lambda names: None
     else:  # stream: one segment's weights at a time
         model = build_meta_model(cfg, max_seq_len, dtype)
         weights = Weights(model_dir, model, dtype)
-        materialize = lambda seg: weights.materialize(segment_params(seg, cfg))
-        release = lambda seg: weights.release(segment_params(seg, cfg))
+        load, unload = weights.materialize, weights.release
+    materialize = lambda seg: load(segment_params(seg, cfg))
+    release = lambda seg: unload(segment_params(seg, cfg))
 
     part = partition(build_graph(model, plan), max_segment_bytes=max_segment_bytes)
     n_segments = sum(len(s) for s in part.segments.values())
@@ -111,21 +129,37 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
         bar = tqdm(total=n_segments, desc="export", unit="segment", disable=not progress)
         records = export_partition(part, cfg, parse_dtype(dtype), tmp, materialize, release, bar)
         bar.close()
+        extra_files, rank_weights, trt_record = [], {}, None
+        if "torch" in formats:
+            from cqil.exporters.torch_weights import export_torch_weights
+
+            rank_weights = export_torch_weights(part, tmp, cfg.tie_word_embeddings, load, unload)
+            extra_files += [w["file"] for w in rank_weights.values()]
+        if "tensorrt" in formats:
+            from cqil.exporters.tensorrt import build_plans
+
+            trt_record, trt_files = build_plans(tmp, records, str(parse_dtype(dtype)).removeprefix("torch."),
+                                                max_batch=max_batch, max_seq_len=max_seq_len, log=log)
+            extra_files += trt_files
         tokenizer = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
         for f in tokenizer:
             shutil.copy2(model_dir / f, tmp / f)
-        files = tokenizer + [f for recs in records.values() for r in recs for f in r["files"]]
+        files = tokenizer + [f for recs in records.values() for r in recs for f in r["files"]] + extra_files
         manifest = {
             "format_version": FORMAT_VERSION,
             "toolchain": toolchain(),
+            "formats": list(formats),
             "model": cfg.to_dict(),
             "plan": plan.to_dict(),
             "dtype": str(parse_dtype(dtype)).removeprefix("torch."),
             "max_seq_len": max_seq_len,
+            "max_segment_bytes": max_segment_bytes,  # the runtime's torch backend re-partitions with it
             "ranks": [{"rank": r, "layers": list(plan.layers_of(r)),
                        "kv_layers": sorted({l for rec in recs for l in rec["layers"]}),
                        "program": [s.to_dict() for s in part.programs[r]],
-                       "segments": recs} for r, recs in records.items()],
+                       "segments": recs, **({"weights": rank_weights[r]} if r in rank_weights else {})}
+                      for r, recs in records.items()],
+            **({"tensorrt": trt_record} if trt_record else {}),
             "tokenizer_files": tokenizer,
             "files": file_records(tmp, files),
             "source": {"model_dir": str(model_dir.resolve()), "adapter": str(adapter) if adapter else None},

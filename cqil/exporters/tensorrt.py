@@ -1,0 +1,186 @@
+"""Build a TensorRT plan (`rank{r}/seg{i}.plan`) from each exported ONNX segment.
+
+    cqil-compile MODEL --p 2 -o ENGINE --backend tensorrt [--dtype float16] [--max-batch 8]
+
+Per segment: `trt.OnnxParser` fills a network from the segment's ONNX file, the builder config gets
+the precision flag of `--dtype` (FP16 / BF16; float32 sets none) and one optimization profile, and
+`build_serialized_network` writes the plan. One timing cache is shared by every segment (layers of
+the same shape are timed once) and saved as `timing.cache` in the engine directory.
+
+The profile comes from the manifest's dynamic axis names (`profile_axes`):
+
+    batch           1 .. max_batch                    opt 1
+    sequence        1 .. max_seq_len                  opt 1          (decode is the hot path)
+    past_sequence   0 .. max_seq_len - 1              opt max_seq_len // 2
+    total_sequence  1 .. 2 * max_seq_len - 1          opt past opt + 1
+
+`total_sequence` = `past_sequence` + `sequence` must hold at each of min / opt / max, or TensorRT
+finds the profile inconsistent (a concat of past and new keys feeds an add with the mask): its max
+is therefore the sum of the two maxima, although the runtime never exceeds max_seq_len.
+
+Plans only load under the TensorRT version and on the GPU (compute capability) that built them; the
+manifest's `tensorrt` record says which, and `check_plan_compatibility` refuses the rest.
+
+Precision: with weak typing (the default) the FP16/BF16 flag lets TensorRT choose reduced precision
+per layer, which may include the softmax that the ONNX graph computes in float32;
+`strongly_typed=True` instead keeps every ONNX type (and sets no precision flag).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cqil.errors import CqilError
+
+PLAN_SUFFIX = ".plan"
+TIMING_CACHE = "timing.cache"
+PRECISION_FLAGS = {"float32": (), "float16": ("FP16",), "bfloat16": ("BF16",)}
+
+
+def require_tensorrt():
+    """`import tensorrt`, or a one-line error saying it is missing."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise CqilError("TensorRT is not installed: --backend tensorrt needs the `tensorrt` Python package "
+                        "(pip install tensorrt, from NVIDIA's index) and a CUDA GPU") from None
+    return tensorrt
+
+
+def profile_axes(max_batch: int, max_seq_len: int) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of each named dynamic axis; see the module docstring."""
+    if max_batch < 1 or max_seq_len < 1:
+        raise CqilError(f"tensorrt: max_batch ({max_batch}) and max_seq_len ({max_seq_len}) must be positive")
+    past_opt = max_seq_len // 2 if max_seq_len > 1 else 0
+    return {
+        "batch": (1, 1, max_batch),
+        "sequence": (1, 1, max_seq_len),
+        "past_sequence": (0, past_opt, max_seq_len - 1),
+        "total_sequence": (1, past_opt + 1, 2 * max_seq_len - 1),
+    }
+
+
+def input_profile(inputs: list[dict], axes: dict[str, tuple[int, int, int]]) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """Input name -> (min shape, opt shape, max shape), from manifest tensor specs."""
+    profile = {}
+    for spec in inputs:
+        shapes = ([], [], [])
+        for dim in spec["shape"]:
+            if isinstance(dim, str):
+                if dim not in axes:
+                    raise CqilError(f"tensorrt: input {spec['name']} has dynamic axis {dim!r}, which has no range "
+                                    f"(known: {', '.join(axes)})")
+                for i in range(3):
+                    shapes[i].append(axes[dim][i])
+            else:
+                for i in range(3):
+                    shapes[i].append(int(dim))
+        profile[spec["name"]] = tuple(tuple(s) for s in shapes)
+    return profile
+
+
+def _release(version: str) -> str:
+    return ".".join(str(version).split(".")[:3])
+
+
+def _capability(cc) -> str:
+    return f"{cc[0]}.{cc[1]}" if isinstance(cc, (tuple, list)) else str(cc)
+
+
+def check_plan_compatibility(record: dict | None, trt_version: str, compute_capability) -> None:
+    """Refuse plans built by another TensorRT release or for another GPU architecture, by name.
+
+    `record` is the manifest's "tensorrt" entry; `compute_capability` is "9.0" or (9, 0).
+    """
+    if not record:
+        raise CqilError("engine: it has no TensorRT plans; recompile it with --backend tensorrt")
+    built, here = _release(record.get("tensorrt_version", "?")), _release(trt_version)
+    if built != here:
+        raise CqilError(f"engine: its TensorRT plans were built with TensorRT {built}, this is TensorRT {here}; "
+                        f"plans load only in the release that built them: recompile with --backend tensorrt here")
+    built_cc, here_cc = _capability(record.get("compute_capability", "?")), _capability(compute_capability)
+    if built_cc != here_cc:
+        device = f" ({record['device_name']})" if record.get("device_name") else ""
+        raise CqilError(f"engine: its TensorRT plans were built for compute capability {built_cc}{device}, this GPU "
+                        f"is {here_cc}; recompile with --backend tensorrt on this GPU")
+
+
+def build_plans(engine_dir: Path, records: dict[int, list[dict]], dtype: str, max_batch: int, max_seq_len: int,
+                device: int = 0, strongly_typed: bool = False, workspace_bytes: int | None = None,
+                log=print) -> tuple[dict, list[str]]:
+    """Build `rank{r}/seg{i}.plan` for every segment record (adds its "plan" key).
+
+    Returns the manifest's "tensorrt" record and the files written (relative to engine_dir).
+    """
+    trt = require_tensorrt()
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CqilError("tensorrt: building plans needs a CUDA GPU, and torch sees none")
+    if dtype not in PRECISION_FLAGS:
+        raise CqilError(f"tensorrt: dtype {dtype} is not supported (use {', '.join(PRECISION_FLAGS)})")
+    torch.cuda.set_device(device)  # the builder uses the current device
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    axes = profile_axes(max_batch, max_seq_len)
+    flags = () if strongly_typed else PRECISION_FLAGS[dtype]
+    cache_path = engine_dir / TIMING_CACHE
+    cache_config = builder.create_builder_config()
+    cache = cache_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    files = []
+    for rank, recs in records.items():
+        for rec in recs:
+            onnx_path = engine_dir / rec["files"][0]
+            plan = _build_one(trt, builder, logger, onnx_path, rec, input_profile(rec["inputs"], axes), flags,
+                              cache, strongly_typed, workspace_bytes)
+            rel = f"rank{rank}/{rec['name']}{PLAN_SUFFIX}"
+            (engine_dir / rel).write_bytes(plan)
+            rec["plan"] = rel
+            files.append(rel)
+            log(f"tensorrt: built {rel} ({len(plan) / 2**20:.1f} MiB)")
+    cache_path.write_bytes(bytes(cache.serialize()))
+    files.append(TIMING_CACHE)
+    record = {
+        "tensorrt_version": trt.__version__,
+        "compute_capability": _capability(torch.cuda.get_device_capability(device)),
+        "device_name": torch.cuda.get_device_name(device),
+        "precision_flags": list(flags),
+        "strongly_typed": strongly_typed,
+        "max_batch": max_batch,
+        "profile_axes": {k: list(v) for k, v in axes.items()},
+        "timing_cache": TIMING_CACHE,
+    }
+    return record, files
+
+
+def _build_one(trt, builder, logger, onnx_path: Path, rec: dict, profile: dict, flags, cache, strongly_typed,
+               workspace_bytes) -> bytes:
+    network_flags = 0
+    if strongly_typed:
+        network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    elif int(trt.__version__.split(".")[0]) < 10:  # explicit batch is the only mode from TensorRT 10 on
+        network_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(network_flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):  # from the file, so that external weights are found
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise CqilError(f"tensorrt: cannot parse {onnx_path.name} of {rec['name']}: {errors}")
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    if sorted(names) != sorted(profile):
+        raise CqilError(f"tensorrt: {onnx_path.name} has inputs {names}, the manifest lists {sorted(profile)}")
+    config = builder.create_builder_config()
+    for flag in flags:
+        if not hasattr(trt.BuilderFlag, flag):
+            raise CqilError(f"tensorrt: this TensorRT ({trt.__version__}) has no {flag} builder flag")
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if workspace_bytes:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    opt = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in profile.items():
+        opt.set_shape(name, lo, mid, hi)
+    config.add_optimization_profile(opt)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise CqilError(f"tensorrt: building the plan of {onnx_path} failed (see TensorRT's log above)")
+    return bytes(serialized)

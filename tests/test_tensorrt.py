@@ -1,0 +1,292 @@
+"""TensorRT export and backend: everything that runs without TensorRT.
+
+TensorRT cannot be installed here (its libraries come from NVIDIA's own index), so the real build
+and run are marked `gpu` and skip without both CUDA and `tensorrt`. What is tested: the optimization
+profile derived from a real manifest, the plan compatibility check, the one-line errors when
+TensorRT is missing, and the compile plumbing (flags, profile, timing cache, manifest records)
+against a stand-in `tensorrt` module that records the calls it gets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import cqil
+from cqil.cli_util import run_main
+from cqil.compiler.cli import main as compile_main
+from cqil.errors import CqilError
+from cqil.exporters.tensorrt import check_plan_compatibility, input_profile, profile_axes, require_tensorrt
+
+HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+RECORD = {"tensorrt_version": "10.3.0.26", "compute_capability": "9.0", "device_name": "NVIDIA H100"}
+
+
+# -- profile ----------------------------------------------------------------------------------
+
+def test_profile_axes():
+    axes = profile_axes(max_batch=4, max_seq_len=128)
+    assert axes == {"batch": (1, 1, 4), "sequence": (1, 1, 128), "past_sequence": (0, 64, 127),
+                    "total_sequence": (1, 65, 255)}
+    for i in range(3):  # total = past + new at min, opt and max: TensorRT checks shapes there
+        assert axes["total_sequence"][i] == axes["past_sequence"][i] + axes["sequence"][i]
+
+
+def test_profile_axes_tiny_and_invalid():
+    assert profile_axes(1, 1)["past_sequence"] == (0, 0, 0)
+    with pytest.raises(CqilError, match="must be positive"):
+        profile_axes(0, 16)
+
+
+def test_input_profile_by_hand():
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
+              {"name": "past_key_values.3.key", "dtype": "float16", "shape": ["batch", 2, "past_sequence", 16]},
+              {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]}]
+    profile = input_profile(inputs, profile_axes(8, 64))
+    assert profile["input_ids"] == ((1, 1), (1, 1), (8, 64))
+    assert profile["past_key_values.3.key"] == ((1, 2, 0, 16), (1, 2, 32, 16), (8, 2, 63, 16))
+    assert profile["attention_mask"] == ((1, 1), (1, 33), (8, 127))
+
+
+def test_input_profile_unknown_axis():
+    with pytest.raises(CqilError, match="'heads'"):
+        input_profile([{"name": "x", "dtype": "float32", "shape": ["batch", "heads"]}], profile_axes(1, 8))
+
+
+# -- compatibility ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version, cc, error", [
+    ("10.3.0.26", "9.0", None),
+    ("10.3.0.30", (9, 0), None),  # same release, another build: same plan format
+    ("10.4.0.26", "9.0", "built with TensorRT 10.3.0, this is TensorRT 10.4.0"),
+    ("8.6.1", "9.0", "recompile with --backend tensorrt here"),
+    ("10.3.0.26", (8, 0), "compute capability 9.0 \\(NVIDIA H100\\), this GPU is 8.0"),
+    ("10.3.0.26", "8.9", "recompile with --backend tensorrt on this GPU"),
+])
+def test_check_plan_compatibility(version, cc, error):
+    if error is None:
+        check_plan_compatibility(RECORD, version, cc)
+    else:
+        with pytest.raises(CqilError, match=error):
+            check_plan_compatibility(RECORD, version, cc)
+
+
+@pytest.mark.parametrize("record", [None, {}])
+def test_check_plan_compatibility_without_plans(record):
+    with pytest.raises(CqilError, match="has no TensorRT plans"):
+        check_plan_compatibility(record, "10.3.0", "9.0")
+
+
+# -- TensorRT missing -------------------------------------------------------------------------
+
+@pytest.fixture
+def no_tensorrt(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+
+
+def test_require_tensorrt_missing(no_tensorrt):
+    with pytest.raises(CqilError, match="TensorRT is not installed") as e:
+        require_tensorrt()
+    assert "\n" not in str(e.value)
+
+
+def test_compile_cli_without_tensorrt(no_tensorrt, tiny_checkpoint, tmp_path, capsys):
+    out, model = tmp_path / "engine", tiny_checkpoint("llama")
+    capsys.readouterr()
+    rc = run_main("cqil-compile", compile_main, [str(model), "--p", "2", "-o", str(out),
+                                                 "--backend", "tensorrt", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("cqil-compile: error: TensorRT is not installed") and "\n" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())  # failed before writing anything
+
+
+def test_runtime_backend_without_tensorrt(no_tensorrt, engine):
+    with pytest.raises(CqilError, match="TensorRT is not installed"):
+        cqil.load(engine, backend="tensorrt")
+
+
+# -- compile plumbing, against a stand-in tensorrt module ------------------------------------
+
+class _Recorder:
+    def __init__(self):
+        self.networks, self.flags, self.profiles, self.caches_loaded = [], [], [], []
+
+
+def _fake_tensorrt(rec: _Recorder) -> types.ModuleType:
+    """Just enough of TensorRT's builder API for build_plans; it records what it is asked."""
+    import onnx
+
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = "10.3.0.26"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            self.level = level
+
+    class Network:
+        def __init__(self, flags):
+            self.flags, self.inputs = flags, []
+
+        @property
+        def num_inputs(self):
+            return len(self.inputs)
+
+        def get_input(self, i):
+            return types.SimpleNamespace(name=self.inputs[i])
+
+    class OnnxParser:
+        def __init__(self, network, logger):
+            self.network = network
+            self.num_errors = 0
+
+        def parse_from_file(self, path):
+            model = onnx.load(path, load_external_data=False)
+            self.network.inputs = [i.name for i in model.graph.input]
+            self.network.path = path
+            return True
+
+    class Cache:
+        def serialize(self):
+            return b"timing-cache"
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, lo, opt, hi):
+            self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
+
+    class Config:
+        def __init__(self):
+            self.flags, self.profiles, self.cache = [], [], None
+
+        def set_flag(self, flag):
+            self.flags.append(flag)
+
+        def create_timing_cache(self, data):
+            rec.caches_loaded.append(bytes(data))
+            return Cache()
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            self.cache = cache
+
+        def add_optimization_profile(self, profile):
+            self.profiles.append(profile)
+
+        def set_memory_pool_limit(self, pool, size):
+            pass
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            return Network(flags)
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            assert config.cache is not None and len(config.profiles) == 1
+            rec.networks.append(network.path)
+            rec.flags.append(list(config.flags))
+            rec.profiles.append(config.profiles[0].shapes)
+            return b"plan of " + network.path.encode()
+
+    trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
+    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16")
+    trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+    trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE=0)
+    return trt
+
+
+@pytest.fixture(scope="module")
+def fake_build(tiny_checkpoint, tmp_path_factory):
+    """A float16 p=2 engine compiled with --backend tensorrt against the stand-in module."""
+    rec = _Recorder()
+    mp = pytest.MonkeyPatch()
+    mp.setitem(sys.modules, "tensorrt", _fake_tensorrt(rec))
+    mp.setattr(torch.cuda, "is_available", lambda: True)
+    mp.setattr(torch.cuda, "set_device", lambda device: None)
+    mp.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    mp.setattr(torch.cuda, "get_device_name", lambda device=None: "Stand-in GPU")
+    try:
+        out = tmp_path_factory.mktemp("trt") / "engine"
+        rc = compile_main([str(tiny_checkpoint("llama")), "--p", "2", "--start", "1", "--end", "5", "--bypass", "1",
+                           "-o", str(out), "--backend", "tensorrt", "--dtype", "float16", "--max-seq-len", "32",
+                           "--max-batch", "4", "--no-progress"])
+    finally:
+        mp.undo()
+    assert rc == 0
+    return out, rec
+
+
+@pytest.fixture(scope="module")
+def engine(fake_build):
+    return fake_build[0]
+
+
+def test_fake_build_manifest(fake_build):
+    out, rec = fake_build
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["formats"] == ["onnx", "tensorrt"]
+    trt = manifest["tensorrt"]
+    assert trt["tensorrt_version"] == "10.3.0.26" and trt["compute_capability"] == "9.0"
+    assert trt["precision_flags"] == ["FP16"] and trt["max_batch"] == 4
+    assert trt["profile_axes"]["total_sequence"] == [1, 17, 63]
+    assert (out / trt["timing_cache"]).read_bytes() == b"timing-cache"
+    assert "timing.cache" in manifest["files"]
+    segments = [(r["rank"], s) for r in manifest["ranks"] for s in r["segments"]]
+    assert len(rec.networks) == len(segments)
+    for rank, seg in segments:
+        assert seg["plan"] == f"rank{rank}/{seg['name']}.plan"
+        # built from this segment's ONNX file (in the compile's temporary folder, since renamed)
+        assert (out / seg["plan"]).read_bytes().endswith(f"/{seg['files'][0]}".encode())
+        assert seg["plan"] in manifest["files"]
+    assert all(flags == ["FP16"] for flags in rec.flags)
+    assert rec.caches_loaded == [b""]  # one cache, created once and shared by every segment
+
+
+def test_fake_build_profiles_follow_the_manifest(fake_build):
+    out, rec = fake_build
+    manifest = json.loads((out / "manifest.json").read_text())
+    axes = {k: tuple(v) for k, v in manifest["tensorrt"]["profile_axes"].items()}
+    segments = [s for r in manifest["ranks"] for s in r["segments"]]
+    assert len(rec.profiles) == len(segments)
+    for seg, shapes in zip(segments, rec.profiles):
+        assert shapes == input_profile(seg["inputs"], axes)
+    past = [p for shapes in rec.profiles for n, p in shapes.items() if n.startswith("past_key_values")]
+    assert past and all(lo[0] == 1 and lo[2] == 0 and hi[0] == 4 and hi[2] == 31 for lo, _, hi in past)
+
+
+def test_fake_build_engine_still_runs_on_onnxruntime(engine):
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["dtype"] == "float16"
+    out = cqil.load(engine, threads=1).generate([[1, 2, 3]], max_new_tokens=3)
+    assert len(out[0]) == 6
+
+
+# -- the real thing (needs CUDA and TensorRT) -------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installed (its libraries come from NVIDIA's index)")
+def test_tensorrt_engine_matches_onnxruntime(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama", init_std=0.2)
+    out = cqil.compile(model, tmp_path / "trt", p=2, start=1, end=5, bypass=1, max_seq_len=64, progress=False,
+                       formats=("onnx", "tensorrt"), max_batch=2, log=lambda m: None)
+    ids = [[5, 7, 9, 11], [3, 4]]
+    ort, trt = cqil.load(out, threads=1), cqil.load(out, backend="tensorrt", devices="cuda:0")
+    np.testing.assert_allclose(trt.logits(ids), ort.logits(ids), atol=1e-3, rtol=0)
+    assert trt.generate(ids, max_new_tokens=20) == ort.generate(ids, max_new_tokens=20)
