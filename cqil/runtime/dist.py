@@ -1,0 +1,231 @@
+"""Collectives between rank processes over torch.distributed (gloo on CPU, NCCL with CUDA).
+
+`DistCollectives` has `LocalCollectives`' interface, so `Engine(dir, ranks=[rank],
+collectives=DistCollectives(rank, p))` runs one rank per process and holds only that rank's
+segments. Values are the backend's numpy arrays, sent as `torch.from_numpy` views (no copies on
+CPU); with a CUDA device (NCCL) they are staged through it.
+
+    all_reduce    all_gather + a local sum in rank order (bit-identical to the in-process engine)
+    all_gather    the bypass exchange: every rank's value, as a list indexed by rank
+    broadcast     from rank 0, into the receive buffer the engine sized from the manifest
+    share_tokens  broadcast of rank 0's chosen int64 tokens [batch]
+
+Failures: every collective is bounded by `timeout` (gloo's own op timeout). A peer that exits
+breaks the connection at once; one that hangs is noticed when the timeout expires. Either way
+the collective raises a `CqilError` naming the rank(s) that stopped. With two ranks that is the
+other one. With more, each rank publishes a heartbeat (beat count and collectives entered) to the
+rendezvous store every `heartbeat` seconds; on a failure the survivor compares two readings:
+ranks whose beat stopped died (or were stopped), ranks still beating but behind this collective
+are stuck before it, ranks that reported the failure themselves are fellow victims. When no rank
+stands out, every other rank is named as a suspect, and the message says so. A failed process
+group cannot be reused: later calls raise at once (relaunch).
+
+Not here: launching processes (`cqil.runtime.launch`), several ranks per process, recovery.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from datetime import timedelta
+
+import numpy as np
+
+from cqil.errors import CqilError
+
+_KEY = "cqil/"  # store keys of this module; torch.distributed's own live under "default_pg"
+
+
+class DistCollectives:
+    """Collectives for rank `rank` of `world_size` processes.
+
+    - `init_method`: torch.distributed's rendezvous URL: "env://" (torchrun; MASTER_ADDR/PORT)
+      or "tcp://host:port"
+    - `timeout`: seconds for the rendezvous and for every collective (default 600)
+    - `device`: "cpu" (gloo, default) or "cuda:N" (NCCL; values are copied to and from it)
+    - `heartbeat`: seconds between liveness records (only used with more than two ranks)
+    """
+
+    def __init__(self, rank: int, world_size: int, init_method: str = "env://", timeout: float = 600.0,
+                 device: str = "cpu", backend: str | None = None, heartbeat: float = 1.0):
+        import torch
+        import torch.distributed as dist
+
+        if not 0 <= rank < world_size:
+            raise CqilError(f"rank {rank} is outside [0, {world_size})")
+        self.rank, self.world_size, self.timeout = rank, world_size, float(timeout)
+        self.device = torch.device(device)
+        self.backend = backend or ("nccl" if self.device.type == "cuda" else "gloo")
+        self.failed_ranks: list[int] = []  # filled when a collective fails
+        self._seq = 0                       # collectives entered so far
+        self._broken: str | None = None
+        self._torch, self._dist = torch, dist
+        # torch >= 2.13 renames all_gather_into_tensor (same semantics; the old name warns)
+        self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        td = timedelta(seconds=self.timeout)
+        try:
+            self.store, _, _ = next(dist.rendezvous(init_method, rank=rank, world_size=world_size, timeout=td))
+            dist.init_process_group(self.backend, store=self.store, rank=rank, world_size=world_size, timeout=td)
+        except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
+            raise CqilError(f"rank {rank}: rendezvous of {world_size} processes at {init_method} failed within "
+                            f"{self.timeout:g} s ({_first_line(e)}); did every rank start, with the same "
+                            f"master address and port?") from e
+        self._interval = max(0.05, min(heartbeat, self.timeout / 10))
+        self._stop = threading.Event()
+        self._beat_thread = None
+        if world_size > 2:
+            self._beat_thread = threading.Thread(target=self._beat, name=f"cqil-heartbeat-{rank}", daemon=True)
+            self._beat_thread.start()
+
+    # -- the collectives (the interface of LocalCollectives) ----------------------------------
+
+    def __call__(self, rank: int, kind: str, value):
+        if rank != self.rank:
+            raise CqilError(f"collective for rank {rank} called in the process of rank {self.rank}")
+        if self.world_size == 1:
+            return [value] if kind == "all_gather" else value
+        if kind == "all_reduce":
+            parts = self._gather(kind, value)
+            # Not dist.all_reduce: its summation order depends on the backend's algorithm (ring,
+            # halving-doubling, ...), so results would drift from the single-graph reference in the
+            # last bits and greedy tokens could flip. The deltas are small ([B, T, H] per group),
+            # so gathering them and adding in rank order costs little and is bit-identical.
+            total = parts[0]
+            for v in parts[1:]:
+                total = total + v
+            return total
+        if kind == "all_gather":
+            return list(self._gather(kind, value))
+        if kind == "broadcast":
+            return self._broadcast(kind, value)
+        raise CqilError(f"unknown collective {kind!r}")
+
+    def share_tokens(self, tokens, batch: int):
+        """Rank 0's chosen tokens int64 [batch] (others pass None), for every rank."""
+        if self.world_size == 1:
+            return tokens
+        if self.rank == 0:
+            tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+            if tokens.shape != (batch,):
+                raise CqilError(f"share_tokens: rank 0 chose tokens of shape {tokens.shape}, expected ({batch},)")
+        else:
+            tokens = np.empty(batch, np.int64)
+        return self._broadcast("share_tokens", tokens)
+
+    def abort(self):
+        """Nothing to wake up: this process holds one rank, which is the one that failed."""
+
+    def reset(self):
+        """A failed process group cannot be reused; later collectives raise (see `_guard`)."""
+
+    def close(self):
+        self._stop.set()
+        if self._beat_thread is not None:
+            self._beat_thread.join(timeout=2 * self._interval + 1)
+        if self._broken is not None:
+            if self.rank == 0 and self.world_size > 2:
+                # without torchrun's agent, rank 0 hosts the store: stay up while the other
+                # survivors read the heartbeats, so they can name the rank that stopped
+                time.sleep(3 * self._interval)
+            return  # tearing down could wait on the dead peer: leave it to process exit
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
+
+    # -- transport ----------------------------------------------------------------------------
+
+    def _gather(self, what: str, value) -> np.ndarray:
+        """Every rank's `value`, stacked in rank order: [world_size, *value.shape]."""
+        value = np.ascontiguousarray(value)
+        out = np.empty((self.world_size, *value.shape), value.dtype)
+        torch = self._torch
+        send = torch.from_numpy(value.reshape(-1))  # flat: the gather concatenates along dim 0
+        if self.device.type == "cpu":
+            recv = torch.from_numpy(out.reshape(-1))
+            with self._guard(what):
+                self._all_gather(recv, send)
+            return out
+        recv = torch.empty(out.size, dtype=send.dtype, device=self.device)
+        with self._guard(what):
+            self._all_gather(recv, send.to(self.device))
+            return recv.cpu().numpy().reshape(out.shape)
+
+    def _broadcast(self, what: str, buffer) -> np.ndarray:
+        if buffer is None:
+            raise CqilError(f"rank {self.rank}: {what} needs a receive buffer (the engine sizes it from the manifest)")
+        buffer = np.ascontiguousarray(buffer)
+        tensor = self._torch.from_numpy(buffer)
+        with self._guard(what):
+            if self.device.type == "cpu":
+                self._dist.broadcast(tensor, src=0)
+                return buffer
+            tensor = tensor.to(self.device)
+            self._dist.broadcast(tensor, src=0)
+            return tensor.cpu().numpy()
+
+    @contextmanager
+    def _guard(self, what: str):
+        if self._broken is not None:
+            raise CqilError(f"rank {self.rank}: {what} refused: an earlier collective failed ({self._broken}); "
+                            f"relaunch all ranks")
+        self._seq += 1
+        try:
+            yield
+        except RuntimeError as e:  # gloo / NCCL errors, DistBackendError included
+            self.failed_ranks, how = self._suspects()
+            self._broken = f"rank {self.rank}: {what} (collective #{self._seq}) failed: {how} [{_first_line(e)}]"
+            raise CqilError(self._broken) from e
+
+    # -- liveness -----------------------------------------------------------------------------
+
+    def _beat(self):
+        beats = 0
+        while True:
+            try:
+                self.store.set(f"{_KEY}alive/{self.rank}", f"{beats} {self._seq}")
+            except Exception:  # the store's host is gone: nothing left to report to
+                return
+            beats += 1
+            if self._stop.wait(self._interval):
+                return
+
+    def _read_alive(self, ranks) -> dict[int, tuple[int, int]]:
+        keys = {q: f"{_KEY}alive/{q}" for q in ranks}
+        return {q: tuple(int(x) for x in self.store.get(k).decode().split()) for q, k in keys.items()
+                if self.store.check([k])}
+
+    def _suspects(self) -> tuple[list[int], str]:
+        others = [q for q in range(self.world_size) if q != self.rank]
+        if len(others) == 1:
+            return others, f"rank {others[0]} stopped (exited, was killed, or hangs)"
+        wait = 2.5 * self._interval
+        try:
+            self.store.set(f"{_KEY}victim/{self.rank}", str(self._seq))
+            before = self._read_alive(others)
+            time.sleep(wait)
+            after = self._read_alive(others)
+            victims = {q for q in others if self.store.check([f"{_KEY}victim/{q}"])}
+        except Exception:
+            return [0] if self.rank else others, (
+                "the rendezvous store stopped answering (its host, rank 0 or torchrun's agent, is gone)")
+        dead = [q for q in others if q not in victims and (q not in after or after[q][0] == before.get(q, (None,))[0])]
+        stuck = [q for q in others if q not in victims and q not in dead and after[q][1] < self._seq]
+        if dead or stuck:
+            parts = ([f"rank(s) {_names(dead)} stopped (no heartbeat for {wait:.1f} s)"] if dead else []) + \
+                    ([f"rank(s) {_names(stuck)} hang before this collective"] if stuck else [])
+            return sorted(dead + stuck), "; ".join(parts)
+        return others, (f"could not tell which of rank(s) {_names(others)} stopped (all still beating, none behind);"
+                        f" suspect them all")
+
+
+def _names(ranks) -> str:
+    return ", ".join(str(r) for r in ranks)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if text.startswith("[") and "] " in text:  # drop gloo's "[/path/to/pair.cc:537] " prefix
+        text = text.split("] ", 1)[1]
+    return text.split(". This is typically caused", 1)[0].rstrip(".")[:300]  # gloo's generic advice
