@@ -4,7 +4,7 @@ Shapes come from running the programs on the meta device twice, with two differe
 (batch, sequence, past) sizes: an axis whose size changes is dynamic, and is named by what it
 matched ("batch", "sequence", "past_sequence", "total_sequence"). Weights are materialized one
 segment at a time (`materialize` / `release`), so a compile never holds more than one segment's
-weights. The legacy TorchScript exporter (`dynamo=False`) is used: it handles the empty
+weights; the partition's `max_segment_bytes` bounds those. The legacy TorchScript exporter (`dynamo=False`) is used: it handles the empty
 past_sequence of a prefill and is far faster to run than the dynamo exporter.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -112,8 +113,16 @@ def _example(spec: dict, name: str, cfg: ModelConfig) -> torch.Tensor:
     return torch.randn(shape).to(dtype)
 
 
-def export_segment(seg: Segment, specs: dict[str, dict], path: Path, cfg: ModelConfig) -> dict:
-    """Write one segment to `path` (+ `path.data` when large) and return its manifest record."""
+def export_segment(seg: Segment, specs: dict[str, dict], path: Path, cfg: ModelConfig,
+                   release: Callable[[], None] | None = None) -> dict:
+    """Write one segment to `path` (+ `path.data` when large) and return its manifest record.
+
+    `release` drops the segment's torch weights as soon as the exporter is done with them. Memory
+    peaks inside `torch.onnx.export` at about 4x the segment's weights (the torch weights, the
+    weights serialized for ONNX shape inference, the protobuf in C++ and as Python bytes); what
+    follows holds at most the protobuf and the file's bytes, and a file small enough to keep its
+    weights inside is moved into place as the exporter wrote it, without a second serialization.
+    """
     import onnx
 
     example = tuple(_example(specs[n], n, cfg) for n in seg.inputs)
@@ -128,15 +137,19 @@ def export_segment(seg: Segment, specs: dict[str, dict], path: Path, cfg: ModelC
             torch.onnx.export(seg.gm, example, str(raw), input_names=list(seg.inputs),
                               output_names=list(seg.outputs), dynamic_axes=dynamic,
                               opset_version=OPSET, dynamo=False, do_constant_folding=True)
-        model = onnx.load(str(raw), load_external_data=True)
-    _check_interface(model, seg, path)
-    data_name = path.name + ".data"
-    if weight_bytes > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data_name, size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
-    del model
+        if release is not None:
+            release()
+        model = onnx.load(str(raw), load_external_data=False)
+        _check_interface(model, seg, path)
+        data_name = path.name + ".data"
+        spilled = len(list(Path(tmp).iterdir())) > 1  # above 2 GiB the exporter writes a file per tensor
+        if weight_bytes > EXTERNAL_DATA_THRESHOLD or spilled:
+            onnx.load_external_data_for_model(model, tmp)
+            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            os.replace(raw, path)
+        del model
     onnx.checker.check_model(str(path))
     files = [path.name] + ([data_name] if (path.parent / data_name).exists() else [])
     return {
@@ -171,9 +184,9 @@ def export_partition(part: Partition, cfg: ModelConfig, dtype, out_dir: Path,
         for seg in segments:
             materialize(seg)
             try:
-                rec = export_segment(seg, specs[rank], folder / f"{seg.name}.onnx", cfg)
+                rec = export_segment(seg, specs[rank], folder / f"{seg.name}.onnx", cfg, lambda: release(seg))
             finally:
-                release(seg)
+                release(seg)  # again, in case the export failed before it released them
             rec["files"] = [f"rank{rank}/{f}" for f in rec["files"]]
             records[rank].append(rec)
             if progress is not None:
