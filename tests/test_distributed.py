@@ -30,15 +30,24 @@ NEW = 10
 WAIT = 150  # seconds: the outer bound of any one launch (imports dominate on a loaded machine)
 
 
+PLANS = {"d0": dict(p=2, start=2, end=6, bypass=0),   # p=2 without bypass
+         "d1": dict(p=2, start=2, end=6, bypass=1),   # p=2 with bypass
+         "p3": dict(p=3, start=2, end=8, bypass=0)}   # three ranks, for the heartbeat diagnosis
+
+
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory, tiny_checkpoint):
-    """p=2 engines without and with bypass, and a p=3 one; 8 layers, so that groups exist."""
-    ckpt = tiny_checkpoint("llama", init_std=0.1, num_hidden_layers=8)
-    root = tmp_path_factory.mktemp("dist-engines")
-    quiet = dict(progress=False, log=lambda *a: None)
-    return {"d0": cqil.compile(ckpt, root / "d0", p=2, start=2, end=6, bypass=0, **quiet),
-            "d1": cqil.compile(ckpt, root / "d1", p=2, start=2, end=6, bypass=1, **quiet),
-            "p3": cqil.compile(ckpt, root / "p3", p=3, start=2, end=8, bypass=0, **quiet)}
+    """engines[name] -> an engine of PLANS[name], compiled on first use; 8 layers, so groups exist."""
+    root, built = tmp_path_factory.mktemp("dist-engines"), {}
+
+    class Engines:
+        def __getitem__(self, name):
+            if name not in built:
+                ckpt = tiny_checkpoint("llama", init_std=0.1, num_hidden_layers=8)
+                built[name] = cqil.compile(ckpt, root / name, progress=False, log=lambda *a: None, **PLANS[name])
+            return built[name]
+
+    return Engines()
 
 
 def child_env(**extra) -> dict:
