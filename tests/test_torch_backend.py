@@ -244,6 +244,9 @@ def test_cuda_matches_onnxruntime(engines, which, decode):
     tokens = np.array([[17, 40, 2, 99, 7, 250], [8, 8, 31, 0, 64, 1]])
     np.testing.assert_allclose(_step_logits(gpu, IDS, tokens), _step_logits(ort, IDS, tokens), atol=1e-4, rtol=0)
     assert gpu.generate(IDS, max_new_tokens=90) == ort.generate(IDS, max_new_tokens=90)
+    rank0 = gpu.segments[0]["seg0"].rank
+    if decode == "graph":
+        assert rank0.graph_error is None and rank0.graphs  # decode replayed captured graphs
     if which == "p2":
         assert isinstance(gpu.collectives, DeviceCollectives)
         streams = {gpu.segments[r]["seg0"].rank.stream.cuda_stream for r in (0, 1)}

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -122,6 +123,7 @@ class Rank:
         self.graphs: dict[str, "_Graph"] = {}
         self.pool = None
         self.step: StepInfo | None = None
+        self.graph_error: str | None = None  # why decode fell back from "graph" to "static"
 
     def on_stream(self):
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
@@ -133,6 +135,8 @@ class Rank:
         value = env[name]
         if isinstance(value, np.ndarray):
             value = torch.from_numpy(np.ascontiguousarray(value))
+            if self.stream is not None and value.numel():
+                value = value.pin_memory()  # from pageable memory the driver may wait for the stream
         if value.device != self.device or (dtype is not None and value.dtype != dtype):
             value = value.to(self.device, dtype=dtype, non_blocking=True)
         if env[name] is not value:
@@ -303,7 +307,13 @@ class TorchSegment:
                             if any(a is b for b in (*r.static_inputs.values(), *r.keys.values(), *r.values.values()))}
                     if r.pool is None:
                         r.pool = torch.cuda.graph_pool_handle()
-                    r.graphs[self.name] = _Graph(self.gm, args, keep, r.pool)
+                    try:
+                        r.graphs[self.name] = _Graph(self.gm, args, keep, r.pool)
+                    except Exception as e:  # the static form still runs, just without the graph
+                        r.decode, r.graph_error = "static", f"{type(e).__name__}: {e}"
+                        r.graphs.clear()
+                        warnings.warn(f"rank {r.rank}: CUDA graph capture of {self.name} failed ({r.graph_error}); "
+                                      f"decoding without graphs")
                 else:
                     outs = graph(args)
             else:
@@ -439,10 +449,11 @@ class DeviceCollectives(LocalCollectives):
 
     @classmethod
     def for_engine(cls, engine, timeout: float | None):
-        states = [rank_state(engine, r) for r in engine.ranks]
-        if all(s.stream is None for s in states):  # CPU: plain in-process collectives do
+        # a rank without segments (p=2 on a range that holds no group) has no state and no collectives
+        states = [_RANKS.get(engine, {}).get(r) for r in engine.ranks]
+        if all(s is None or s.stream is None for s in states):  # CPU: plain in-process collectives do
             return LocalCollectives(len(states), timeout=timeout)
-        return cls([s.device for s in states], [s.stream for s in states], timeout)
+        return cls([s and s.device for s in states], [s and s.stream for s in states], timeout)
 
     def _combine(self):
         self._result = self._values  # each rank combines on its own device, after the barrier
