@@ -259,3 +259,61 @@ def test_two_gpus_match_onnxruntime(engine_p2):
     ort = cqil.load(engine_p2, threads=1)
     gpu = cqil.load(engine_p2, backend="torch", devices=["cuda:0", "cuda:1"])
     assert gpu.generate(IDS, max_new_tokens=40) == ort.generate(IDS, max_new_tokens=40)
+
+
+def test_device_collectives_protocol(monkeypatch):
+    """DeviceCollectives with stand-in streams and events: every consumer waits on each producer's
+    event before using its value, events alternate per rank, sums are in rank order on every rank."""
+    import contextlib
+    import threading
+
+    log, lock = [], threading.Lock()
+
+    class Event:
+        count = 0
+
+        def __init__(self):
+            Event.count += 1
+            self.id, self.recorded = Event.count, 0
+
+        def record(self, stream):
+            with lock:
+                self.recorded += 1
+                log.append(("record", stream.rank, self.id, self.recorded))
+
+    class Stream:
+        def __init__(self, rank):
+            self.rank = rank
+
+        def wait_event(self, event):
+            with lock:
+                log.append(("wait", self.rank, event.id, event.recorded))
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(("use", s.rank)))
+    coll = DeviceCollectives([torch.device("cpu")] * 3, [Stream(r) for r in range(3)], timeout=30)
+    values = [torch.tensor([0.1, 1e8]), torch.tensor([0.2, -1e8]), torch.tensor([0.3, 1.0])]
+    results = {}
+
+    def run(rank):
+        results[rank] = [coll(rank, "all_reduce", values[rank]),
+                         coll(rank, "all_gather", values[rank] * 2),
+                         coll(rank, "broadcast", values[0] if rank == 0 else None),
+                         coll(rank, "all_reduce", values[rank])]
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = (values[0] + values[1]) + values[2]  # rank order: 1e8 - 1e8 first, then 1.0
+    for r in range(3):
+        assert torch.equal(results[r][0], expected) and torch.equal(results[r][3], expected)
+        assert all(torch.equal(a, b * 2) for a, b in zip(results[r][1], values))
+        assert torch.equal(results[r][2], values[0])
+    waits = [e for e in log if e[0] == "wait"]
+    # 2 all_reduce + 1 all_gather: each rank waits on the 2 others; broadcast: ranks 1, 2 wait on rank 0
+    assert len(waits) == 3 * 3 * 2 + 2
+    assert all(w[3] >= 1 for w in waits)  # never on an event not yet recorded
+    assert len({e[2] for e in log if e[0] == "record"}) == 6  # two events per rank, used in turn

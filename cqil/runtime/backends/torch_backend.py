@@ -287,8 +287,8 @@ class TorchSegment:
         r = self.rank
         args = []
         for n in self.inputs:
-            if step.mode != "eager" and n.startswith("past_key_values."):
-                layer, kind = n.split(".")[1:]  # the static form reads the buffers, not the views
+            if n.startswith("past_key_values."):  # begin_step has put the past in the buffers
+                layer, kind = n.split(".")[1:]
                 args.append((r.keys if kind == "key" else r.values)[int(layer)])
             else:
                 args.append(r.tensor(env, n, self.dtypes[n]))
