@@ -78,6 +78,12 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.weight_map)
 
+    def close(self):
+        """Forget the open files. Tensors read from safetensors (and mmap-ed .bin files) are views of
+        the file's mapping, and while it stays mapped every page read so far counts toward RSS:
+        streaming a 13 GB checkpoint would look like holding it. Files reopen on the next read."""
+        self._open.clear()
+
     def file_bytes(self) -> int:
         """Size of the checkpoint's weight files on disk."""
         return sum((self.dir / f).stat().st_size for f in set(self.weight_map.values()))
@@ -143,16 +149,21 @@ class Weights:
             if shape != tuple(param.shape):
                 raise CqilError(f"model: tensor {source} has shape {shape}, config.json implies {tuple(param.shape)}")
 
+    def _owners(self, names) -> list[str]:
+        """Tied lm_head has no weight of its own: it is loaded and released as the embedding."""
+        return list(dict.fromkeys(self._source(n) for n in names))
+
     def materialize(self, names):
-        for name in names:
-            _assign(self.model, name, self.ckpt.get(self._source(name)).to(self.dtype))
+        for name in self._owners(names):
+            _assign(self.model, name, self.ckpt.get(name).to(self.dtype))
         _tie(self.model)
 
     def release(self, names):
-        for name in names:
+        for name in self._owners(names):
             p = self.model.get_parameter(name)
             _assign(self.model, name, torch.empty_like(p, device="meta"))
         _tie(self.model)
+        self.ckpt.close()  # unmapped once the last tensor read from a file is gone
 
 
 def param_names(module: nn.Module, layers=None) -> list[str]:
