@@ -220,3 +220,14 @@ def test_fp16_engine_is_close_to_fp32(checkpoints, tmp_path_factory):
     assert ATOL < diff <= FP16_ATOL, f"fp16 logits differ from fp32 by {diff:.2e}"
     assert len(engine.generate(ids, max_new_tokens=8)[0]) == 9 + 8
     engine.close()
+
+
+def test_range_from_layer_0_broadcasts_the_embedding(tiny_checkpoint, tmp_path):
+    """start=0 without replication: rank 0 runs no layer before the range, only the embedding
+    (and, tied, the same weight as lm_head), and must still compute what it broadcasts."""
+    model_dir = tiny_checkpoint("llama3", init_std=STD, num_hidden_layers=6)
+    engine = open_engine(compile_engine(model_dir, tmp_path / "e", p=2, start=0, end=4, bypass=1))
+    model, gm = reference(model_dir, engine.plan)
+    ids = np.random.default_rng(3).integers(0, 256, (2, 7))
+    assert max_diff(engine.logits(ids), reference_logits(model, gm, ids)) <= ATOL
+

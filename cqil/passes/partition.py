@@ -135,8 +135,9 @@ def partition(gm: fx.GraphModule, plan: Plan | None = None, max_segment_bytes: i
     result = Partition(plan)
     for rank in range(plan.p):
         roots = [n for n in nodes if rank in _owners(n, plan) and not _is_received(n)]
-        if rank == 0:
+        if rank == 0:  # rank 0 also makes the logits and what it broadcasts (the embedding, if start=0)
             roots.append(next(n for n, name in outputs.items() if name == "logits"))
+            roots += [n.args[0] for n in nodes if collective_kind(n) == "broadcast" and not _is_received(n.args[0])]
         needed = _closure(roots)
         result.segments[rank], result.programs[rank] = _split(gm, nodes, needed, rank, outputs, max_segment_bytes)
     return result
