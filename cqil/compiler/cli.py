@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from cqil.cli_util import run_main
+from cqil.cli_util import ArgumentParser, run_main
 from cqil.compiler.config import ModelConfig
 from cqil.compiler.loader import build_meta_model
 from cqil.compiler.pipeline import build_graph, resolve_plan
@@ -22,8 +22,9 @@ def add_plan_flags(parser: argparse.ArgumentParser, p_required: bool = False):
     parser.add_argument("--start", type=int, help="first layer of the CQIL range (default: see README)")
     parser.add_argument("--end", type=int, help="end of the CQIL range, exclusive (default: num_layers - 2)")
     parser.add_argument("--bypass", type=int, default=None, help="bypass distance d, 0 <= d < p (default 0)")
-    parser.add_argument("--bypass-semantics", choices=SEMANTICS, default="once",
-                        help="'once' (default) or 'reference' (the authors' released code)")
+    parser.add_argument("--bypass-semantics", choices=SEMANTICS, default=None,
+                        help="'once' (default) or 'reference' (the authors' released code; the default "
+                             "for a plan read from the checkpoint's cqil_layers)")
     parser.add_argument("--replicate-outer", action="store_true",
                         help="run the layers outside the range on every rank instead of rank 0 only")
 
@@ -88,7 +89,7 @@ def format_description(d: dict, model: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cqil-compile",
         description="Compile a LLaMA-family HuggingFace checkpoint into a CQIL engine directory.")
     parser.add_argument("model", help="local HuggingFace checkpoint folder")
@@ -141,6 +142,7 @@ def main(argv=None) -> int:
                       max_segment_bytes=int(args.max_segment_mb * 2**20) or None,
                       log=lambda msg: print(msg, file=sys.stderr))
         return 0
+    cfg.check_sequence_length(args.max_seq_len or cfg.max_position_embeddings)
     t0 = time.perf_counter()
     gm = build_graph(build_meta_model(cfg), plan)  # checks the plan against the real graph, no weights
     d = describe(cfg, plan, source)
@@ -155,3 +157,7 @@ def main(argv=None) -> int:
 
 def entry():
     sys.exit(run_main("cqil-compile", main))
+
+
+if __name__ == "__main__":
+    entry()

@@ -59,17 +59,8 @@ def check_destination(out_dir: Path, force: bool):
         raise CqilError(f"output {out_dir} exists and is not empty; pass --force to replace it")
 
 
-def segment_params(seg, cfg: ModelConfig) -> list[str]:
-    """The parameter names a segment needs loaded. With tied embeddings the loader points lm_head at
-    the embedding after every load, so a segment that holds lm_head needs the embedding loaded too."""
-    names = param_names(seg.gm)
-    if cfg.tie_word_embeddings and "lm_head.weight" in names and "model.embed_tokens.weight" not in names:
-        names.append("model.embed_tokens.weight")
-    return names
-
-
 def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = None, end: int | None = None,
-                  bypass: int | None = None, semantics: str = "once", replicate_outer: bool = False,
+                  bypass: int | None = None, semantics: str | None = None, replicate_outer: bool = False,
                   dtype: str = "float32", max_seq_len: int | None = None, force: bool = False,
                   adapter=None, allow_plan_mismatch: bool = False, max_segment_bytes: int | None = MAX_SEGMENT_BYTES,
                   progress: bool = True, log=print,
@@ -114,8 +105,8 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
         model = build_meta_model(cfg, max_seq_len, dtype)
         weights = Weights(model_dir, model, dtype)
         load, unload = weights.materialize, weights.release
-    materialize = lambda seg: load(segment_params(seg, cfg))
-    release = lambda seg: unload(segment_params(seg, cfg))
+    materialize = lambda seg: load(param_names(seg.gm))
+    release = lambda seg: unload(param_names(seg.gm))
 
     part = partition(build_graph(model, plan), max_segment_bytes=max_segment_bytes)
     n_segments = sum(len(s) for s in part.segments.values())
