@@ -163,6 +163,19 @@ def test_processes_match_in_process_engine(engines, tmp_path, which, launcher):
 
 
 @pytest.mark.slow
+def test_cqil_run_launcher_torchrun(engines):
+    """`cqil-run --launcher torchrun` hands its flags to one process per rank, same tokens."""
+    engine = engines["d0"]
+    rc, out, err = run_bounded([sys.executable, "-c", "from cqil.runtime.cli import run_entry; run_entry()",
+                                str(engine), "--input-ids", ",".join(map(str, PROMPT)), "--max-new-tokens",
+                                str(NEW), "--ignore-eos", "--json", "--launcher", "torchrun"])
+    assert rc == 0, err[-3000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["launcher"] == "torchrun" and result["processes"] == 2
+    assert result["output_ids"] == in_process(engine)[0]
+
+
+@pytest.mark.slow
 def test_rank_that_exits_is_named(engines):
     args = ["--input-ids", "1,2,3", "--max-new-tokens", "8", "--json", "--timeout", "30"]
     r0, r1 = launch_direct(engines["d1"], 2, args, CQIL_TEST_DIE_RANK="1", CQIL_TEST_DIE_AFTER_STEPS="2")

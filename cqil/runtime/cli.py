@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
-from cqil.cli_util import run_main
+from cqil.cli_util import ArgumentParser, run_main
 from cqil.errors import CqilError
 
 # -- cqil-run -----------------------------------------------------------------------------------
@@ -87,7 +88,7 @@ def eos_ids(engine, tokenizer) -> list[int]:
 
 
 def run_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cqil-run", description="Generate text with a compiled CQIL engine.")
+    parser = ArgumentParser(prog="cqil-run", description="Generate text with a compiled CQIL engine.")
     parser.add_argument("engine", help="engine directory (cqil-compile -o)")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="prompt text (needs the tokenizer files in the engine directory)")
@@ -102,13 +103,32 @@ def run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="intra-op threads in all (default: all cores)")
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the engine files")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    parser.add_argument("--launcher", choices=["threads", "torchrun"], default="threads",
+                        help="threads: every rank in this process (default); torchrun: one process per rank")
     return parser
+
+
+def _torchrun(args, argv) -> int:
+    """Hand the same flags to `torchrun -m cqil.runtime.launch`, one process per rank of the plan."""
+    from cqil.exporters.manifest import read_manifest
+    from cqil.runtime.launch import torchrun_command
+
+    p = read_manifest(args.engine, verify=False)["plan"]["p"]
+    rest = list(sys.argv[1:] if argv is None else argv)
+    rest.remove(args.engine)
+    for flag in ("--launcher=torchrun", "--launcher"):
+        if flag in rest:
+            i = rest.index(flag)
+            del rest[i:i + (2 if flag == "--launcher" else 1)]
+    return subprocess.call(torchrun_command(args.engine, p, rest))
 
 
 def run_cli(argv=None) -> int:
     from cqil.runtime.engine import load
 
     args = run_parser().parse_args(argv)
+    if args.launcher == "torchrun":
+        return _torchrun(args, argv)
     if args.threads is not None and args.threads < 1:
         raise CqilError(f"--threads must be >= 1, got {args.threads}")
     with load(args.engine, threads=args.threads, verify=not args.no_verify) as engine:
@@ -146,8 +166,7 @@ def run_cli(argv=None) -> int:
 
 
 def check_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="cqil-check",
+    parser = ArgumentParser(prog="cqil-check",
         description="Compare an engine with the PyTorch reference of its plan (same checkpoint, same inputs). "
                     "Exit 0: within tolerance and the same greedy tokens; 1: not; 2: bad input.")
     parser.add_argument("engine", help="engine directory (cqil-compile -o)")
