@@ -91,7 +91,8 @@ def finetune(model: CausalLM, plan: Plan, stream: torch.Tensor, settings: Settin
              resume: bool = False, progress: bool = True, base_model_name: str | None = None) -> dict:
     """Train a LoRA adapter for `plan` on `stream` (1-D token ids); write it to `out_dir`.
 
-    Returns {"steps", "start_step", "losses": [loss per step run here], "out"}.
+    Returns {"steps", "start_step", "losses": [loss per step run here], "out"}. peft wraps the
+    target Linear layers of `model` in place: load the model afresh to use it without the adapter.
     """
     import peft
 
