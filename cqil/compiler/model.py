@@ -101,23 +101,32 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, past_key, past_value):
+        q, k, v = self.project(x, cos, sin)
+        key, value = self.append_kv(past_key, past_value, k, v)
+        return self.attend(q, key, value, mask), key, value
+
+    def project(self, x, cos, sin):
+        """q [B, nh, T, hd] and the new k, v [B, kvh, T, hd], rotated."""
         B, T = x.shape[0], x.shape[1]
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, kvh, T, hd]
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        key = torch.cat((past_key, k), dim=2)  # [B, kvh, P+T, hd]
-        value = torch.cat((past_value, v), dim=2)
-        k_all, v_all = self._repeat_kv(key), self._repeat_kv(value)  # [B, nh, P+T, hd]
-        scores = torch.matmul(q, k_all.transpose(2, 3)) * (self.head_dim ** -0.5)  # [B, nh, T, P+T]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def append_kv(self, past_key, past_value, k, v):
+        """The cache after this step: plain tensors in, plain tensors out ([B, kvh, P+T, hd])."""
+        return torch.cat((past_key, k), dim=2), torch.cat((past_value, v), dim=2)
+
+    def attend(self, q, key, value, mask):
+        B, T = q.shape[0], q.shape[2]
+        k_all, v_all = self._repeat_kv(key), self._repeat_kv(value)  # [B, nh, S, hd]
+        scores = torch.matmul(q, k_all.transpose(2, 3)) * (self.head_dim ** -0.5)  # [B, nh, T, S]
         # mask and softmax in fp32: in fp16, score + finfo(fp16).min can round to -inf, and a fully
         # masked (padding) row would then turn into NaN and leak into real tokens through V
         probs = F.softmax(scores.float() + mask.float(), dim=-1).to(q.dtype)
         out = torch.matmul(probs, v_all).transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(out), key, value
-
+        return self.o_proj(out)
 
     def _repeat_kv(self, t):
         rep = self.num_heads // self.num_kv_heads

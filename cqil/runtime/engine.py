@@ -28,7 +28,6 @@ from cqil.exporters.manifest import read_manifest
 from cqil.schedule import Step
 from cqil.plan import Plan
 from cqil.runtime import backends
-from cqil.runtime.collectives import LocalCollectives
 from cqil.runtime.sampling import check_sampling, sample
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")

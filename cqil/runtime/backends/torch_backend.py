@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cqil.compiler.model import Attention, _rotate_half
+from cqil.compiler.model import Attention
 from cqil.errors import CqilError
 from cqil.runtime.collectives import LocalCollectives
 
@@ -219,7 +219,7 @@ class Rank:
 class CachedAttention(Attention):
     """`Attention` over the rank's preallocated KV buffers (installed on rebuilt modules).
 
-    Same projections, rope and fp32 masked softmax as `Attention`; the new keys/values are written
+    Only `append_kv` differs from `Attention`: the new keys/values are written
     into the buffer instead of concatenated, and the returned present is the buffer itself (static)
     or a view of its valid prefix (eager).
     """
@@ -227,29 +227,18 @@ class CachedAttention(Attention):
     rank_state: Rank
     layer: int
 
-    def forward(self, x, cos, sin, mask, past_key, past_value):
-        B, T = x.shape[0], x.shape[1]
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, nh, T, hd]
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, kvh, T, hd]
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+    def append_kv(self, past_key, past_value, k, v):
         rank = self.rank_state
         key, value = rank.keys[self.layer], rank.values[self.layer]  # [B, kvh, C, hd]
         if rank.step.mode == "eager":
-            P = rank.step.past
+            P, T = rank.step.past, k.shape[2]
             key[:, :, P:P + T] = k
             value[:, :, P:P + T] = v
-            key, value = key[:, :, :P + T], value[:, :, :P + T]  # [B, kvh, P+T, hd]
-        else:  # fixed shapes: the position lives on the device, the mask hides the unused tail
-            key.index_copy_(2, rank.slot, k)
-            value.index_copy_(2, rank.slot, v)
-        k_all, v_all = self._repeat_kv(key), self._repeat_kv(value)
-        scores = torch.matmul(q, k_all.transpose(2, 3)) * (self.head_dim ** -0.5)  # [B, nh, T, S]
-        probs = torch.softmax(scores.float() + mask.float(), dim=-1).to(q.dtype)
-        out = torch.matmul(probs, v_all).transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)
-        return self.o_proj(out), key, value
+            return key[:, :, :P + T], value[:, :, :P + T]  # [B, kvh, P+T, hd]
+        # fixed shapes: the position lives on the device, the mask hides the unused tail
+        key.index_copy_(2, rank.slot, k)
+        value.index_copy_(2, rank.slot, v)
+        return key, value
 
 
 class _Graph:
