@@ -87,6 +87,18 @@ def eos_ids(engine, tokenizer) -> list[int]:
     return sorted({int(e) for e in flat if e is not None})
 
 
+def prompt_of(engine, args):
+    """(tokenizer or None, prompt ids, eos ids or None) from cqil-run's --prompt / --input-ids flags."""
+    tokenizer = engine.tokenizer if (args.prompt is not None or engine.has_tokenizer) else None
+    if args.prompt is not None:
+        ids = tokenizer(args.prompt)["input_ids"]
+        if not ids:
+            raise CqilError("--prompt encodes to no tokens")
+    else:
+        ids = parse_ids(args.input_ids)
+    return tokenizer, ids, None if args.ignore_eos else (eos_ids(engine, tokenizer) or None)
+
+
 def run_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="cqil-run", description="Generate text with a compiled CQIL engine.")
     parser.add_argument("engine", help="engine directory (cqil-compile -o)")
@@ -132,14 +144,7 @@ def run_cli(argv=None) -> int:
     if args.threads is not None and args.threads < 1:
         raise CqilError(f"--threads must be >= 1, got {args.threads}")
     with load(args.engine, threads=args.threads, verify=not args.no_verify) as engine:
-        tokenizer = engine.tokenizer if (args.prompt is not None or engine.has_tokenizer) else None
-        if args.prompt is not None:
-            ids = tokenizer(args.prompt)["input_ids"]
-            if not ids:
-                raise CqilError("--prompt encodes to no tokens")
-        else:
-            ids = parse_ids(args.input_ids)
-        eos = None if args.ignore_eos else (eos_ids(engine, tokenizer) or None)
+        tokenizer, ids, eos = prompt_of(engine, args)
 
         put, finish = stdout_streamer(tokenizer) if not args.json else (None, None)
         out = engine.generate([ids], max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,

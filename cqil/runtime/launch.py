@@ -125,7 +125,7 @@ def main(argv=None, env=os.environ) -> int:
 def generate(args, rank: int, world: int, local_world: int, collectives, env) -> int:
     import numpy as np
 
-    from cqil.runtime.cli import TextStream, eos_ids, parse_ids
+    from cqil.runtime.cli import TextStream, prompt_of
     from cqil.runtime.engine import Engine
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -133,14 +133,7 @@ def generate(args, rank: int, world: int, local_world: int, collectives, env) ->
     engine = Engine(args.engine, threads=threads, verify=False, ranks=[rank], collectives=collectives)
     if args.report_dir:
         write_report(Path(args.report_dir), engine, rank)
-    tokenizer = engine.tokenizer if (args.prompt is not None or engine.has_tokenizer) else None
-    if args.prompt is not None:
-        ids = tokenizer(args.prompt)["input_ids"]
-        if not ids:
-            raise CqilError("--prompt encodes to no tokens")
-    else:
-        ids = parse_ids(args.input_ids)
-    eos = None if args.ignore_eos else (eos_ids(engine, tokenizer) or None)
+    tokenizer, ids, eos = prompt_of(engine, args)
     if args.dump_logits:
         logits = engine.logits([ids])  # every rank takes part; rank 0 gets the logits
         if rank == 0:
