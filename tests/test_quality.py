@@ -14,6 +14,8 @@ import random
 import sys
 
 import pytest
+
+import cqil.compiler.cli as compile_cli
 import torch
 
 from cqil.cli_util import run_main
@@ -174,6 +176,25 @@ def test_eval_engine_dir(model_dir, data_file, tmp_path, capsys, monkeypatch):
     assert from_engine["perplexity"] == pytest.approx(from_model["perplexity"], rel=1e-4)
     rc, _, err = cli_run(cli.eval_main, [engine, "--p", 2, *flags], capsys)
     assert rc == 2 and "engine directory" in err
+
+
+def test_engine_with_adapter_equals_model_with_adapter(model_dir, data_file, trained, tmp_path, capsys):
+    """An engine compiled with --adapter measures what cqil-eval measures for model + adapter."""
+    engine = tmp_path / "engine"
+    rc, _, err = cli_run(compile_cli.main, [model_dir, "--p", PLAN.p, "--start", PLAN.start, "--end", PLAN.end,
+                                            "--bypass", PLAN.bypass, "--adapter", trained[True], "-o", engine,
+                                            "--max-seq-len", 32, "--no-progress"], capsys)
+    assert rc == 0, err
+    flags = ["--data", data_file, "--json", "--seq-len", 32, "--max-tokens", 100]
+    rc, out, _ = cli_run(cli.eval_main, [engine, *flags], capsys)
+    from_engine = json.loads(out)
+    plan_flags = ["--p", PLAN.p, "--start", PLAN.start, "--end", PLAN.end, "--bypass", PLAN.bypass]
+    rc, out, _ = cli_run(cli.eval_main, [model_dir, *plan_flags, "--adapter", trained[True], *flags], capsys)
+    from_model = json.loads(out)
+    rc, out, _ = cli_run(cli.eval_main, [model_dir, *plan_flags, *flags], capsys)
+    untuned = json.loads(out)
+    assert from_engine["perplexity"] == pytest.approx(from_model["perplexity"], rel=1e-3)
+    assert abs(from_model["perplexity"] - untuned["perplexity"]) > 1e-3 * untuned["perplexity"]  # the adapter counts
 
 
 # -- finetune and merge ---------------------------------------------------------------------------

@@ -57,26 +57,29 @@ def _run_meta(part: Partition, cfg: ModelConfig, dtype, sizes) -> dict[int, dict
 
 
 @contextlib.contextmanager
-def _buffers_on_meta(part: Partition):
-    """Real buffers (rope frequencies) cannot mix with meta inputs: swap them out for a meta run."""
+def _tensors_on_meta(part: Partition):
+    """Real tensors (rope frequencies; all weights when an adapter was merged) cannot mix with meta
+    inputs: swap every parameter and buffer for a meta copy during a meta run, then put them back."""
     saved = []
     for segments in part.segments.values():
         for seg in segments:
             for module in seg.gm.modules():
-                for name, buf in module._buffers.items():
-                    if buf is not None and not buf.is_meta:
-                        saved.append((module, name, buf))
-                        module._buffers[name] = buf.to("meta")
+                for table in (module._parameters, module._buffers):
+                    for name, t in table.items():
+                        if t is not None and not t.is_meta:
+                            saved.append((table, name, t))
+                            meta = t.to("meta")
+                            table[name] = torch.nn.Parameter(meta, requires_grad=False) if table is module._parameters else meta
     try:
         yield
     finally:
-        for module, name, buf in saved:
-            module._buffers[name] = buf
+        for table, name, t in saved:
+            table[name] = t
 
 
 def value_specs(part: Partition, cfg: ModelConfig, dtype) -> dict[int, dict[str, dict]]:
     """Per rank: tensor name -> {dtype, shape with dynamic axes named}."""
-    with _buffers_on_meta(part):
+    with _tensors_on_meta(part):
         runs = [_run_meta(part, cfg, dtype, sizes) for sizes in _SIZES]
     (b, t, p), _ = _SIZES
     axis_names = {b: "batch", t: "sequence", p: "past_sequence", p + t: "total_sequence"}
