@@ -14,9 +14,9 @@ import random
 import sys
 
 import pytest
+import torch
 
 import cqil.compiler.cli as compile_cli
-import torch
 
 from cqil.cli_util import run_main
 from cqil.compiler.loader import load_model

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from cqil.cli_util import run_main
+from cqil.cli_util import ArgumentParser, run_main
 from cqil.compiler.cli import add_plan_flags, plan_from_args
 from cqil.compiler.config import ModelConfig
 from cqil.errors import CqilError
@@ -43,7 +43,7 @@ def _seq_len(requested: int | None, default: int, limit: int | None) -> int:
 def analyze_parser() -> argparse.ArgumentParser:
     from cqil.quality.similarity import DEFAULT_THRESHOLD
 
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cqil-analyze",
         description="Cosine similarity of the inputs of nearby layers on held-out text, and the CQIL "
                     "range it suggests for p.")
@@ -120,7 +120,7 @@ def finetune_parser() -> argparse.ArgumentParser:
     from cqil.quality.adapter import DEFAULT_TARGETS
 
     d = Settings()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cqil-finetune",
         description="Train a LoRA adapter that recovers the quality CQIL loses (self-distillation by default).")
     parser.add_argument("model", help="local HuggingFace checkpoint folder (with its tokenizer)")
@@ -171,7 +171,7 @@ def finetune_main(argv=None) -> int:
 # -- cqil-eval --------------------------------------------------------------------------------------
 
 def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="cqil-eval",
         description="Perplexity on held-out text (strided sliding window) of a checkpoint under a plan, "
                     "with an optional LoRA adapter, or of a compiled engine directory.")
