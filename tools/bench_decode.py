@@ -10,8 +10,9 @@ weights made by cqil.tiny unless --model is given), batch 1, fp32:
   minimal loop (the p=1 engine's single segment file, run without cqil's runtime)
 - cqil engine p=1 and p=2 (the default range), through `cqil.load(...).generate`
 
-plus the memory-bandwidth bound: weight bytes read per token / measured copy bandwidth. Each
-number is the median over decode steps of the best of --rounds runs. Ratios are against the
+plus the memory-bandwidth bound: bytes read per token (weights + KV cache) / measured copy
+bandwidth (read + write traffic of a large multi-threaded copy; a lower bound on time per token). Each
+number is the median over decode steps of the best of --rounds runs (rounds interleave runners). Ratios are against the
 one-graph session (lower is better). Prints a markdown table.
 """
 
@@ -28,11 +29,19 @@ from pathlib import Path
 import numpy as np
 
 
-def copy_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
+def copy_bandwidth_gbs(threads: int, mb: int = 512, repeats: int = 5) -> float:
+    """Memory traffic of a large copy on `threads` threads (numpy releases the GIL), read + write, GB/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
     src = np.ones(mb * (1 << 20) // 8)
     dst = np.empty_like(src)
-    best = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
-    return src.nbytes / best / 1e9  # bytes read per second (each also written once)
+    parts = np.array_split(np.arange(src.size), threads)
+    bounds = [(p[0], p[-1] + 1) for p in parts]
+    with ThreadPoolExecutor(threads) as pool:
+        def copy():
+            list(pool.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
+        best = min(_timed(copy) for _ in range(repeats))
+    return 2 * src.nbytes / best / 1e9
 
 
 def _timed(fn) -> float:
@@ -113,11 +122,6 @@ def bench_engine(engine_dir, prompt, new_tokens, threads):
     return t_prefill, statistics.median(np.diff(steps))
 
 
-def best_of(rounds, fn, *args):
-    runs = [fn(*args) for _ in range(rounds)]
-    return min(r[0] for r in runs), min(r[1] for r in runs)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint folder (default: a random ~125M LLaMA)")
@@ -151,23 +155,28 @@ def main():
     one_graph = engines[1] / cqil.load(engines[1], verify=False).manifest["ranks"][0]["segments"][0]["files"][0]
 
     n = args.new_tokens
-    rows = {
-        "transformers eager": best_of(args.rounds, bench_transformers, model, prompt, n, args.threads),
-        "one-graph ORT session": best_of(args.rounds, bench_one_graph, one_graph, cfg, prompt, n, args.threads),
-        "cqil engine p=1": best_of(args.rounds, bench_engine, engines[1], prompt, n, args.threads),
-        f"cqil engine p=2 ({plan2.start}-{plan2.end}, depth {plan2.depth})":
-            best_of(args.rounds, bench_engine, engines[2], prompt, n, args.threads),
+    runners = {
+        "transformers eager": (bench_transformers, model),
+        "one-graph ORT session": (bench_one_graph, one_graph, cfg),
+        "cqil engine p=1": (bench_engine, engines[1]),
+        f"cqil engine p=2 ({plan2.start}-{plan2.end}, depth {plan2.depth})": (bench_engine, engines[2]),
     }
+    # rounds interleave the runners, so that a slow spell of the machine hits all of them alike
+    runs = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, (fn, *where) in runners.items():
+            runs[name].append(fn(*where, prompt, n, args.threads))
+    rows = {name: (min(r[0] for r in rs), min(r[1] for r in rs)) for name, rs in runs.items()}
     weight_bytes = sum(r.get("weight_bytes", 0) for r in cqil.load(engines[1], verify=False).manifest["ranks"][0]["segments"])
-    gbs = copy_bandwidth_gbs()
+    gbs = copy_bandwidth_gbs(args.threads)
     kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * (args.prompt_len + n // 2)
     bound_ms = 1000 * (weight_bytes + kv_bytes) / (gbs * 1e9)
     base = rows["one-graph ORT session"]
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={args.threads}; "
           f"model {weight_bytes / 1e6:.0f} MB fp32 weights; prompt {args.prompt_len}, {n} new tokens, batch 1, "
           f"best of {args.rounds}")
-    print(f"copy bandwidth {gbs:.1f} GB/s -> bandwidth bound {bound_ms:.2f} ms/token "
-          f"(weights + half-length KV cache read once per token)\n")
+    print(f"copy bandwidth {gbs:.1f} GB/s (read + write, {args.threads} threads) -> bandwidth bound "
+          f"{bound_ms:.2f} ms/token (weights + half-length KV cache read once per token)\n")
     print("| runner | prefill ms | decode ms/token | prefill vs one-graph | decode vs one-graph |")
     print("|---|---:|---:|---:|---:|")
     for name, (prefill, decode) in rows.items():

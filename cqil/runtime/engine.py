@@ -71,8 +71,15 @@ class Engine:
         # tensor records by name, to size the buffers a rank receives into from another process
         self.tensors = {r: {t["name"]: t for s in ranks_info[r]["segments"] for t in s["inputs"]} for r in self.ranks}
         open_segment = backends.get(backend)
-        self.segments = {r: {s["name"]: open_segment(self, r, s, threads=per_rank, providers=providers,
-                                                       **backend_options)
+        # Rank 0's outer-layer segments run while every other rank waits (prefix before the broadcast,
+        # suffix after the last all-reduce): they get all the threads, group segments a share each.
+        def threads_for(rank, rec):
+            alone = (rank == 0 and len(self.ranks) > 1 and not self.plan.replicate_outer and rec["layers"]
+                     and not any(self.plan.in_range(l) for l in rec["layers"]))
+            return threads if alone else per_rank
+
+        self.segments = {r: {s["name"]: open_segment(self, r, s, threads=threads_for(r, s), providers=providers,
+                                                       spin=len(self.ranks) == 1, **backend_options)
                              for s in ranks_info[r]["segments"]} for r in self.ranks}
         self._check_programs()
         self.collectives = collectives or backends.collectives(backend, self, collective_timeout)

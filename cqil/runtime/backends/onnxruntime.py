@@ -13,7 +13,9 @@ class Segment:
         env.update(zip(self.outputs, self.session.run(self.outputs, {n: env[n] for n in self.inputs})))
 
 
-def open_segment(engine, rank: int, rec: dict, threads: int = 1, providers=None) -> Segment:
+def open_segment(engine, rank: int, rec: dict, threads: int = 1, providers=None, spin: bool = True) -> Segment:
+    """`spin`: let idle intra-op threads spin (fast for one rank; with several ranks in one
+    process, spinning pools steal the cores the other ranks are computing on)."""
     import onnxruntime as ort
 
     path = engine.dir / rec["files"][0]
@@ -21,6 +23,8 @@ def open_segment(engine, rank: int, rec: dict, threads: int = 1, providers=None)
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not spin:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:

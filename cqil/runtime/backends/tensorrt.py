@@ -82,7 +82,7 @@ class TrtSegment:
                 env[name] = r.publish(name, value)
 
 
-def open_segment(engine, rank: int, rec: dict, devices=None, threads=None, providers=None) -> TrtSegment:
+def open_segment(engine, rank: int, rec: dict, devices=None, threads=None, providers=None, spin=True) -> TrtSegment:
     trt = require_tensorrt()
     if not torch.cuda.is_available():
         raise CqilError("engine: the tensorrt backend needs a CUDA GPU, and torch sees none")

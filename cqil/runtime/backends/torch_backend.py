@@ -407,7 +407,7 @@ _LOADED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # engine -> 
 
 
 def open_segment(engine, rank: int, rec: dict, devices=None, decode: str = "auto", threads=None,
-                 providers=None) -> TorchSegment:
+                 providers=None, spin=True) -> TorchSegment:
     """Open one segment; the rank's model is rebuilt and loaded once, on its first segment."""
     cache = _LOADED.setdefault(engine, {})
     if rank not in cache:
