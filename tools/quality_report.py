@@ -149,8 +149,31 @@ def render(args, model_dir, sim, suggestions, rows, plot_name, n_train, n_eval, 
         "",
         CAVEAT,
         "",
+        *claims(rows, sim.adjacent),
     ]
     return "\n".join(lines)
+
+
+def claims(rows, adjacent) -> list[str]:
+    """The paper's claims, checked against this run's numbers (rows: name, range, d, before, after, t)."""
+    original = rows[0][3]
+    pct = lambda x: 100 * (x / original - 1)
+    by = {(name, d): (before, after) for name, _, d, before, after, _ in rows[1:]}
+    ps = sorted({name for name, _ in by})
+    lines = ["## Do the paper's claims hold at this scale?", "",
+             f"- Similarity of adjacent layer inputs grows with depth: {adjacent[0]:.3f} for layers 0/1, "
+             f"{min(adjacent[1:]):.3f}-{max(adjacent[1:]):.3f} after that"
+             + (" (yes)." if min(adjacent[1:]) > adjacent[0] else " (no).")]
+    cost = ", ".join(f"{n}: {pct(by[(n, '0')][0]):+.1f}%" for n in ps)
+    lines.append(f"- Untuned CQIL cost over the suggested range (d=0): {cost}.")
+    for n in ps:
+        (b0, a0), (b1, a1) = by[(n, "0")], by[(n, "1")]
+        verdict = "helps" if b1 < b0 and a1 <= a0 else "does not help consistently"
+        lines.append(f"- Bypass d=1 vs d=0, {n}: {b1:.2f} vs {b0:.2f} before LoRA, {a1:.2f} vs {a0:.2f} after: "
+                     f"the bypass {verdict} here.")
+    rec = ", ".join(f"{n} {pct(by[(n, '0')][0]):+.1f}% -> {pct(by[(n, '0')][1]):+.1f}%" for n in ps)
+    lines += [f"- A short LoRA run recovers most of the loss (d=0): {rec}.", ""]
+    return lines
 
 
 if __name__ == "__main__":
