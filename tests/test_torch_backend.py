@@ -19,7 +19,8 @@ import cqil
 from cqil.compiler.cli import main as compile_main
 from cqil.errors import CqilError
 from cqil.exporters.torch_weights import write_safetensors
-from cqil.runtime.backends.torch_backend import DeviceCollectives, parse_devices
+from cqil.runtime.backends.device_collectives import DeviceCollectives
+from cqil.runtime.backends.torch_backend import parse_devices
 from cqil.runtime.collectives import LocalCollectives
 
 ATOL = 1e-5

@@ -154,9 +154,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--corpus-mb", type=float, default=30.0)
     ap.add_argument("--heldout-every", type=int, default=20)
     ap.add_argument("--heldout-kb", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: leave a core to others)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = args.out.resolve()
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
@@ -185,6 +186,12 @@ def main(argv: list[str] | None = None) -> None:
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
+    # GPT-2's scaled init of the projections that write into the residual stream: without it the
+    # loss sits near the unigram level for the first ~150 steps of a short run
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                proj.weight.normal_(0.0, config.initializer_range / (2 * args.layers) ** 0.5)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters", flush=True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)

@@ -31,6 +31,6 @@ def get(name: str):
 def collectives(name: str, engine, timeout: float | None):
     """In-process collectives between `engine`'s rank threads, for the values of backend `name`."""
     if name in ("torch", "tensorrt"):
-        from cqil.runtime.backends.torch_backend import DeviceCollectives
+        from cqil.runtime.backends.device_collectives import DeviceCollectives
         return DeviceCollectives.for_engine(engine, timeout)
     return LocalCollectives(len(engine.ranks), timeout=timeout)
