@@ -175,6 +175,11 @@ def _replace(tmp: Path, out_dir: Path):
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         out_dir.rename(old)
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except BaseException:  # interrupted between the two renames: put the previous engine back
+        if old is not None and not out_dir.exists():
+            old.rename(out_dir)
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
