@@ -1,4 +1,4 @@
-"""Run an engine directory with ONNX Runtime: one session per segment, one thread per rank.
+"""Run an engine directory: one opened segment per ONNX file (ONNX Runtime by default), one thread per rank.
 
     engine = cqil.load("engine_dir")
     engine.generate([[1, 2, 3]], max_new_tokens=16)      # -> [[1, 2, 3, ...16 new tokens]]
@@ -7,10 +7,10 @@
 Each forward runs every rank's program (segments and collectives, from the manifest) at once:
 rank 0 in the calling thread, ranks 1.. in a small thread pool (ONNX Runtime releases the GIL),
 collectives in process (`LocalCollectives`). The KV cache lives per rank: `present.*` outputs become
-the next step's `past_key_values.*` inputs by reference, never copied. Intra-op threads are split
-evenly between ranks unless given per rank.
+the next step's `past_key_values.*` inputs by reference, never copied.
 
-Not here: multi-process ranks (`cqil.runtime.launch`), GPU streams, TensorRT.
+Elsewhere: ranks as processes (`cqil.runtime.launch` passes torch.distributed collectives in), the
+torch (CUDA) and TensorRT segment backends (`cqil.runtime.backends`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def load(engine_dir, **options) -> "Engine":
 class Engine:
     """An opened engine directory.
 
-    - `threads`: total intra-op threads, split evenly between the ranks held here (default: all cores)
+    - `threads`: total intra-op threads (default: all cores), split evenly between the ranks held
+      here, except that rank 0's outer-layer segments (run while the others wait) get them all
     - `verify`: check every file's sha256 against the manifest first
     - `backend`: "onnxruntime" (default), "torch" or "tensorrt"; see `cqil.runtime.backends`;
       other keyword options go to the backend (e.g. torch: `devices=["cuda:0", "cuda:1"]`)
