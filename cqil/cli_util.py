@@ -1,4 +1,4 @@
-"""What every cqil command line shares: one-line errors and exit codes.
+"""What every cqil command line shares: one-line errors, exit codes, the plan flags.
 
 Exit codes: 0 success, 1 a check that ran and failed (cqil-check), 2 bad input (`CqilError`,
 argparse), 130 interrupted. Set CQIL_DEBUG=1 to see the traceback of an unexpected error.
@@ -11,7 +11,8 @@ import os
 import sys
 import traceback
 
-from cqil.errors import CqilError
+from cqil.errors import CqilError, first_line
+from cqil.plan import SEMANTICS, Plan, resolve_plan
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -36,6 +37,25 @@ def run_main(prog: str, main, argv=None) -> int:
     except Exception as e:  # an unexpected failure is still reported on one line
         if os.environ.get("CQIL_DEBUG"):
             traceback.print_exc()
-        print(f"{prog}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              f"(set CQIL_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"{prog}: internal error: {type(e).__name__}: {first_line(e)} (set CQIL_DEBUG=1 for the traceback)",
+              file=sys.stderr)
         return 1
+
+
+def add_plan_flags(parser: argparse.ArgumentParser, p_required: bool = False):
+    """The plan flags shared by cqil-compile, cqil-finetune, cqil-eval."""
+    parser.add_argument("--p", type=int, required=p_required, help="layers per group = number of ranks")
+    parser.add_argument("--start", type=int, help="first layer of the CQIL range (default: see README)")
+    parser.add_argument("--end", type=int, help="end of the CQIL range, exclusive (default: num_layers - 2)")
+    parser.add_argument("--bypass", type=int, default=None, help="bypass distance d, 0 <= d < p (default 0)")
+    parser.add_argument("--bypass-semantics", choices=SEMANTICS, default=None,
+                        help="'once' (default) or 'reference' (the authors' released code; the default "
+                             "for a plan read from the checkpoint's cqil_layers)")
+    parser.add_argument("--replicate-outer", action="store_true",
+                        help="run the layers outside the range on every rank instead of rank 0 only")
+
+
+def plan_from_args(cfg, args) -> tuple[Plan, str]:
+    """The plan of the plan flags for a model of config `cfg` (a ModelConfig), and its source."""
+    return resolve_plan(cfg.num_layers, p=args.p, start=args.start, end=args.end, bypass=args.bypass,
+                        semantics=args.bypass_semantics, replicate_outer=args.replicate_outer, authors=cfg.extra)

@@ -142,10 +142,6 @@ class Plan:
 
     # -- ownership ----------------------------------------------------------------------------
 
-    @property
-    def world_size(self) -> int:
-        return self.p
-
     def in_range(self, layer: int) -> bool:
         return bool(self.groups) and self.start <= layer < self.end
 
@@ -205,3 +201,34 @@ class Plan:
         return (f"Plan(L={self.num_layers}, p={self.p}, S{self.start} E{self.end}, d={self.bypass}"
                 f"{'/' + self.semantics if self.bypass else ''}, {len(self.groups)} groups, "
                 f"depth {self.num_layers}->{self.depth}{', outer replicated' if self.replicate_outer else ''})")
+
+
+def resolve_plan(num_layers: int, p: int | None = None, start: int | None = None, end: int | None = None,
+                 bypass: int | None = None, semantics: str | None = None, replicate_outer: bool = False,
+                 authors: dict | None = None) -> tuple[Plan, str]:
+    """The plan asked for, and where it came from: 'flags', 'default range' or 'checkpoint config (cqil_layers)'.
+
+    `authors` holds the checkpoint config's `cqil_layers` / `d` keys when it has them; without
+    --start/--end they give the plan. `semantics` defaults to "once", except for a plan read from
+    `cqil_layers`: the authors' released adapters were trained with "reference".
+    """
+    authors = authors or {}
+    if start is None and end is None and "cqil_layers" in authors:
+        plan = Plan.from_authors_config(num_layers, authors["cqil_layers"],
+                                        authors.get("d", 0) if bypass is None else bypass,
+                                        semantics=semantics or "reference", replicate_outer=replicate_outer)
+        if p is not None and p != plan.p:
+            raise CqilError(f"plan: the checkpoint's cqil_layers use p={plan.p}, but --p {p} was given; "
+                            f"pass --start/--end to override the checkpoint's plan")
+        return plan, "checkpoint config (cqil_layers)"
+    common = dict(semantics=semantics or "once", replicate_outer=replicate_outer)
+    if p is None:
+        raise CqilError("plan: give --p (the number of layers per group / ranks)")
+    bypass = bypass or 0
+    if start is None and end is None:
+        return Plan.default(num_layers, p, bypass=bypass, **common), "default range"
+    default = Plan.default(num_layers, p)
+    end = default.end if end is None else end
+    if start is None:
+        start = end - (end - min(default.start, end)) // p * p
+    return Plan(num_layers, p, start, end, bypass=bypass, **common), "flags"

@@ -1,10 +1,10 @@
 """Shared fixtures: tiny random-weight checkpoints, made once per session.
 
-Everything runs on CPU and nothing is downloaded. Checkpoints come from `cqil.tiny` (transformers'
+Everything runs on CPU and nothing is downloaded. Checkpoints come from `cqil.testing` (transformers'
 own classes + `save_pretrained`), so the folders look exactly like real HF checkpoints.
 
 - `tiny_checkpoint(preset="llama", **kwargs)` -> Path: a cached, shared checkpoint folder. Treat it
-  as read-only; `kwargs` go to `cqil.tiny.make_checkpoint` (seed, dtype, init_std, config overrides).
+  as read-only; `kwargs` go to `cqil.testing.random_checkpoint` (seed, dtype, init_std, config overrides).
 - `checkpoint_copy(preset="llama", **kwargs)` -> Path: a private copy under the test's tmp_path,
   for tests that damage or rewrite a checkpoint.
 - `hf_model(path)` -> the transformers model of a checkpoint folder (fp32, eval), cached.
@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 
-from cqil.tiny import make_checkpoint
+from cqil.testing import random_checkpoint
 
 # The test models are tiny: a second intra-op thread only adds spin-waiting, which on a shared
 # 2-core machine makes each small matmul ~10x slower.
@@ -43,7 +43,7 @@ def tiny_checkpoint(tmp_path_factory):
         key = (preset, json.dumps(kwargs, sort_keys=True, default=repr))
         if key not in cache:
             folder = tmp_path_factory.mktemp(f"ckpt-{preset}")
-            cache[key] = make_checkpoint(folder, preset, **kwargs)
+            cache[key] = random_checkpoint(folder, preset, **kwargs)
         return cache[key]
 
     return make

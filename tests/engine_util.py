@@ -1,7 +1,7 @@
 """Helpers shared by the engine tests (test_engine*.py, test_cli_run_check.py): compile quietly, run
 the PyTorch reference of a plan, greedy loops, a tiny byte-level tokenizer, one-line CLI errors.
 
-The reference loops here are written out on purpose instead of reusing `cqil.runtime.check`, so
+The reference loops here are written out on purpose instead of reusing `cqil.verify`, so
 that the tests do not check cqil-check's code with itself.
 """
 
@@ -15,8 +15,8 @@ import torch
 
 import cqil
 from cqil.cli_util import run_main
-from cqil.compiler.loader import load_model
-from cqil.compiler.pipeline import build_graph
+from cqil.model.loader import load_model
+from cqil.passes import build_graph
 from cqil.plan import Plan
 
 ATOL = 1e-4

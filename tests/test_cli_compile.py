@@ -16,8 +16,8 @@ import pytest
 
 from cqil.cli_util import run_main
 from cqil.compiler.cli import main
-from cqil.compiler.config import ModelConfig
-from cqil.compiler.pipeline import resolve_plan
+from cqil.model.config import ModelConfig
+from cqil.plan import resolve_plan
 from cqil.errors import CqilError
 from cqil.plan import Plan
 
@@ -142,13 +142,13 @@ def test_dry_run_text(capsys, config_dir):
 def test_authors_keys_picked_up_by_resolve_plan(config_dir):
     cfg = ModelConfig.from_dir(config_dir(**AUTHORS_P2_D1))
     # the authors' adapters were trained with their code's residual: "reference" unless told otherwise
-    assert resolve_plan(cfg) == (Plan(32, 2, 12, 30, bypass=1, semantics="reference"),
+    assert resolve_plan(cfg.num_layers, authors=cfg.extra) == (Plan(32, 2, 12, 30, bypass=1, semantics="reference"),
                                  "checkpoint config (cqil_layers)")
-    assert resolve_plan(cfg, p=2, semantics="once")[0] == Plan(32, 2, 12, 30, bypass=1, semantics="once")
-    assert resolve_plan(cfg, bypass=0)[0] == Plan(32, 2, 12, 30)
-    assert resolve_plan(cfg, p=2, start=4, end=8) == (Plan(32, 2, 4, 8), "flags")  # flags override
+    assert resolve_plan(cfg.num_layers, authors=cfg.extra, p=2, semantics="once")[0] == Plan(32, 2, 12, 30, bypass=1, semantics="once")
+    assert resolve_plan(cfg.num_layers, authors=cfg.extra, bypass=0)[0] == Plan(32, 2, 12, 30)
+    assert resolve_plan(cfg.num_layers, authors=cfg.extra, p=2, start=4, end=8) == (Plan(32, 2, 4, 8), "flags")  # flags override
     with pytest.raises(CqilError, match=r"cqil_layers use p=2, but --p 4 was given"):
-        resolve_plan(cfg, p=4)
+        resolve_plan(cfg.num_layers, authors=cfg.extra, p=4)
 
 
 def test_authors_keys_picked_up_by_dry_run(capsys, config_dir):

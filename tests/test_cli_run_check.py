@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cqil.runtime.cli import TextStream, check_cli, run_cli
-from cqil.tiny import make_checkpoint
+from cqil.runtime.cli import run_cli
+from cqil.runtime.textio import TextStream
+from cqil.verify import check_cli
+from cqil.testing import random_checkpoint
 from engine_util import (STD, TOKENIZER_VOCAB, assert_one_line_error, cli, compile_engine, open_engine,
                          write_tokenizer)
 
@@ -26,7 +28,7 @@ LAYERS = 6
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    folder = make_checkpoint(tmp_path_factory.mktemp("tok") / "ckpt", "llama", init_std=STD,
+    folder = random_checkpoint(tmp_path_factory.mktemp("tok") / "ckpt", "llama", init_std=STD,
                              num_hidden_layers=LAYERS, vocab_size=TOKENIZER_VOCAB)
     return write_tokenizer(folder)
 
@@ -156,7 +158,7 @@ def test_check_passes_on_a_good_engine(engine_dir, checkpoint, capsys):
 
 def test_check_fails_against_other_weights(engine_dir, tmp_path, capsys):
     """Same config, other random weights: the logits differ, the exit status is 1."""
-    other = make_checkpoint(tmp_path / "other", "llama", seed=1, init_std=STD, num_hidden_layers=LAYERS,
+    other = random_checkpoint(tmp_path / "other", "llama", seed=1, init_std=STD, num_hidden_layers=LAYERS,
                             vocab_size=TOKENIZER_VOCAB)
     code, out, err = cli("cqil-check", check_cli, [engine_dir, "--model", other, "--steps", "4", "--threads", "1"],
                          capsys)
@@ -192,10 +194,10 @@ def test_check_entry_exit_status(engine_dir, checkpoint, monkeypatch, capsys):
     script is this function; a subprocess would only add seconds of imports.)"""
     import tomllib
 
-    from cqil.runtime.cli import check_entry
+    from cqil.verify import check_entry
 
     scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["cqil-check"] == "cqil.runtime.cli:check_entry" and scripts["cqil-run"] == "cqil.runtime.cli:run_entry"
+    assert scripts["cqil-check"] == "cqil.verify:check_entry" and scripts["cqil-run"] == "cqil.runtime.cli:run_entry"
     monkeypatch.setattr(sys, "argv", ["cqil-check", str(engine_dir), "--model", str(checkpoint), "--steps", "8",
                                       "--threads", "1"])
     with pytest.raises(SystemExit) as exit_:

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from cqil.compiler.config import ModelConfig
-from cqil.compiler.loader import build_meta_model, load_model
-from cqil.compiler.pipeline import build_graph
+from cqil.model.config import ModelConfig
+from cqil.model.loader import build_meta_model, load_model
+from cqil.passes import build_graph
 from cqil.exporters.manifest import read_manifest
 from cqil.passes.partition import MAX_SEGMENT_BYTES, partition
 from cqil.plan import Plan
@@ -106,7 +106,7 @@ def _tool():
 def test_make_checkpoint_shards_load_in_cqil_and_transformers(tmp_path, hf_model):
     tool = _tool()
     quiet = dict(log=lambda msg: None)
-    report = tool.make_checkpoint(tmp_path / "sharded", "llama", dtype="float32", shard_bytes=150_000, std=0.1, **quiet)
+    report = tool.write_sharded_checkpoint(tmp_path / "sharded", "llama", dtype="float32", shard_bytes=150_000, std=0.1, **quiet)
     folder = tmp_path / "sharded"
     shards = sorted(folder.glob("model-*-of-*.safetensors"))
     assert len(shards) >= 3 and all(f"-of-{len(shards):05d}." in s.name for s in shards)
@@ -125,14 +125,14 @@ def test_make_checkpoint_shards_load_in_cqil_and_transformers(tmp_path, hf_model
     assert (ours - theirs).abs().max() < 1e-4
     assert ours.abs().max() > 1.0
 
-    tool.make_checkpoint(tmp_path / "one", "llama", dtype="float32", std=0.1, **quiet)  # one shard
+    tool.write_sharded_checkpoint(tmp_path / "one", "llama", dtype="float32", std=0.1, **quiet)  # one shard
     single = load_model(tmp_path / "one")
     for (name, a), (_, b) in zip(model.named_parameters(), single.named_parameters()):
         assert torch.equal(a, b), f"{name} depends on the shard size"
 
 
 def test_make_checkpoint_config_only_70b(tmp_path):
-    report = _tool().make_checkpoint(tmp_path / "70b", "llama2-70b", config_only=True, log=lambda msg: None)
+    report = _tool().write_sharded_checkpoint(tmp_path / "70b", "llama2-70b", config_only=True, log=lambda msg: None)
     assert report["files"] == ["config.json"]
     cfg = ModelConfig.from_dir(tmp_path / "70b")
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_kv_heads, cfg.intermediate_size) == (80, 8192, 8, 28672)

@@ -50,9 +50,13 @@ def engines(tmp_path_factory, tiny_checkpoint):
     return Engines()
 
 
+TESTS = str(Path(__file__).parent)  # on the children's path: tests/launch_hooks.py, the launcher with test hooks
+
+
 def child_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CQIL_TEST_")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
+    path = os.pathsep.join(p for p in (TESTS, env.get("PYTHONPATH")) if p)
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path, **extra)
     if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the tests talk over loopback only
     return env
@@ -76,7 +80,7 @@ def launch_direct(engine, n: int, args: list[str], grace: float = 10.0, **env) -
         e = child_env(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(n),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env)
         logs.append((tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")))
-        procs.append(subprocess.Popen([sys.executable, "-m", "cqil.runtime.launch", str(engine), *args], env=e,
+        procs.append(subprocess.Popen([sys.executable, "-m", "launch_hooks", str(engine), *args], env=e,
                                       stdout=logs[-1][0], stderr=logs[-1][1], text=True))
     ended, failed = {}, False
     while len(ended) < n and time.monotonic() - t0 < WAIT:
@@ -145,7 +149,7 @@ def test_processes_match_in_process_engine(engines, tmp_path, which, launcher):
     args = ["--input-ids", ",".join(map(str, PROMPT)), "--max-new-tokens", str(NEW), "--ignore-eos", "--json",
             "--timeout", "60", "--dump-logits", str(logits_file), "--report-dir", str(reports)]
     if launcher == "torchrun":
-        rc, out, err = run_bounded(launch.torchrun_command(engine, 2, args))
+        rc, out, err = run_bounded(launch.torchrun_command(engine, 2, args, module="launch_hooks"))
         assert rc == 0, err[-3000:]
     else:
         ranks = launch_direct(engine, 2, args)
@@ -211,8 +215,8 @@ def test_torchrun_command():
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--nproc-per-node=4" in cmd
     assert cmd[cmd.index("-m", 3):] == ["-m", "cqil.runtime.launch", "eng", "--input-ids", "1,2", "--json"]
-    # every cqil-run flag is accepted by the launcher
+    # every flag cqil-run hands over (all but --launcher) is accepted by the launcher
     from cqil.runtime.cli import run_parser
 
-    flags = {o for a in run_parser()._actions for o in a.option_strings}
+    flags = {o for a in run_parser()._actions for o in a.option_strings} - {"--launcher"}
     assert flags <= {o for a in launch.parser()._actions for o in a.option_strings}

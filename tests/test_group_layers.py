@@ -11,11 +11,11 @@ import time
 import pytest
 import torch
 
-from cqil.compiler.config import ModelConfig
-from cqil.compiler.loader import build_meta_model, load_model
-from cqil.compiler.model import causal_mask
-from cqil.compiler.pipeline import build_graph
-from cqil.compiler.trace import trace
+from cqil.model.config import ModelConfig
+from cqil.model.loader import build_meta_model, load_model
+from cqil.model.model import causal_mask
+from cqil.passes import build_graph
+from cqil.model.trace import trace
 from cqil.errors import CqilError
 from cqil.passes.collectives import all_gather, all_reduce_sum, collective_kind
 from cqil.passes.group_layers import group_layers

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cqil.compiler.config import ModelConfig
-from cqil.compiler.loader import load_model
+from cqil.model.config import ModelConfig
+from cqil.model.loader import load_model
 from cqil.errors import CqilError
 
 

@@ -9,8 +9,8 @@ import inspect
 import pytest
 import torch
 
-from cqil.compiler.loader import load_model
-from cqil.compiler.pipeline import build_graph
+from cqil.model.loader import load_model
+from cqil.passes import build_graph
 from cqil.plan import Plan
 
 PRESETS = ["llama", "llama3", "qwen2", "mistral"]
@@ -73,7 +73,7 @@ def test_prefill_and_decode_match_transformers(preset, tiny_checkpoint, hf_model
 
 def test_llama3_rope_scaling_is_applied(tiny_checkpoint, hf_model):
     """The llama3 preset would pass the test above with plain rope only if scaling were inert."""
-    from cqil.compiler.model import rope_inv_freq
+    from cqil.model.model import rope_inv_freq
 
     model = load_model(tiny_checkpoint("llama3", init_std=STD))
     assert model.config.rope_type == "llama3" and model.config.tie_word_embeddings

@@ -150,7 +150,6 @@ def test_str(plan, text):
 def test_prefix_and_suffix():
     assert (P2.prefix, P2.suffix) == (tuple(range(12)), (30, 31))
     assert (Plan(8, 1, 0, 0).prefix, Plan(8, 1, 0, 0).suffix) == (tuple(range(8)), ())
-    assert P2.world_size == 2
 
 
 # Every rejected input names the offending numbers.

@@ -1,13 +1,12 @@
 """Quality tools: cqil-analyze, cqil-finetune (LoRA, merge_adapter), cqil-eval (perplexity).
 
-Tiny random LLaMAs (cqil.tiny) with a byte-level tokenizer built on the fly; the library tests use
+Tiny random LLaMAs (cqil.testing) with a byte-level tokenizer built on the fly; the library tests use
 token ids directly. Perplexity is checked against transformers, merging against peft's own
 merge_and_unload on transformers' LlamaForCausalLM.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
@@ -19,16 +18,16 @@ import torch
 import cqil.compiler.cli as compile_cli
 
 from cqil.cli_util import run_main
-from cqil.compiler.loader import load_model
-from cqil.compiler.pipeline import build_graph
+from cqil.model.loader import load_model
+from cqil.passes import build_graph
 from cqil.errors import CqilError
 from cqil.plan import Plan
 from cqil.quality import cli
-from cqil.quality.adapter import PLAN_FILE, merge_adapter, same_computation
+from cqil.model.adapter import PLAN_FILE, merge_adapter, same_computation
 from cqil.quality.finetune import Settings, distillation_loss, finetune, next_token_loss
 from cqil.quality.perplexity import Window, perplexity, sliding_windows
 from cqil.quality.similarity import Similarity, suggest_range
-from cqil.tiny import make_checkpoint
+from cqil.testing import random_checkpoint
 
 torch.set_num_threads(1)
 
@@ -56,7 +55,7 @@ def sample_text(n_words=120, seed=0) -> str:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    folder = make_checkpoint(tmp_path_factory.mktemp("quality") / "tiny", "llama", init_std=0.1)
+    folder = random_checkpoint(tmp_path_factory.mktemp("quality") / "tiny", "llama", init_std=0.1)
     save_byte_tokenizer(folder)
     return folder
 
@@ -293,21 +292,9 @@ def test_analyze_cli(model_dir, data_file, tmp_path, capsys):
     suggested = Plan.from_dict(result["suggested"]["plan"])
     assert suggested.p == 2 and suggested.end <= 4 and suggested.groups
     assert result["tokens"] == len(data_file.read_bytes())
-    if importlib.util.find_spec("matplotlib") is None:
-        assert "plot skipped" in err
-    else:
-        assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rc, out, _ = cli_run(cli.analyze_main, [model_dir, "--data", data_file, "--p", 2, "--seq-len", 64], capsys)
     assert rc == 0 and "suggested for p=2: --start" in out
-
-
-def test_plot_without_matplotlib_says_so(monkeypatch, tmp_path):
-    from cqil.quality.plot import PlotUnavailable, plot_similarity
-
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    sim = similarity(4, [0.9, 0.95, 0.97])
-    with pytest.raises(PlotUnavailable, match="pip install matplotlib"):
-        plot_similarity(sim, suggest_range(sim, 2), 0.9, tmp_path / "x.png")
 
 
 def similarity(L, adjacent, two_back=None) -> Similarity:

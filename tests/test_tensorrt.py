@@ -2,7 +2,7 @@
 
 TensorRT cannot be installed here (its libraries come from NVIDIA's own index), so the real build
 and run are marked `gpu` and skip without both CUDA and `tensorrt`. What is tested: the optimization
-profile derived from a real manifest, the plan compatibility check, the one-line errors when
+profile derived from a real manifest, the engine compatibility check, the one-line errors when
 TensorRT is missing, and the compile plumbing (flags, profile, timing cache, manifest records)
 against a stand-in `tensorrt` module that records the calls it gets.
 """
@@ -22,7 +22,7 @@ import cqil
 from cqil.cli_util import run_main
 from cqil.compiler.cli import main as compile_main
 from cqil.errors import CqilError
-from cqil.exporters.tensorrt import check_plan_compatibility, input_profile, profile_axes, require_tensorrt
+from cqil.exporters.tensorrt import check_engine_compatibility, input_profile, profile_axes, require_tensorrt
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 RECORD = {"tensorrt_version": "10.3.0.26", "compute_capability": "9.0", "device_name": "NVIDIA H100"}
@@ -63,24 +63,24 @@ def test_input_profile_unknown_axis():
 
 @pytest.mark.parametrize("version, cc, error", [
     ("10.3.0.26", "9.0", None),
-    ("10.3.0.30", (9, 0), None),  # same release, another build: same plan format
+    ("10.3.0.30", (9, 0), None),  # same release, another build: same engine format
     ("10.4.0.26", "9.0", "built with TensorRT 10.3.0, this is TensorRT 10.4.0"),
     ("8.6.1", "9.0", "recompile with --backend tensorrt here"),
     ("10.3.0.26", (8, 0), "compute capability 9.0 \\(NVIDIA H100\\), this GPU is 8.0"),
     ("10.3.0.26", "8.9", "recompile with --backend tensorrt on this GPU"),
 ])
-def test_check_plan_compatibility(version, cc, error):
+def test_check_engine_compatibility(version, cc, error):
     if error is None:
-        check_plan_compatibility(RECORD, version, cc)
+        check_engine_compatibility(RECORD, version, cc)
     else:
         with pytest.raises(CqilError, match=error):
-            check_plan_compatibility(RECORD, version, cc)
+            check_engine_compatibility(RECORD, version, cc)
 
 
 @pytest.mark.parametrize("record", [None, {}])
-def test_check_plan_compatibility_without_plans(record):
-    with pytest.raises(CqilError, match="has no TensorRT plans"):
-        check_plan_compatibility(record, "10.3.0", "9.0")
+def test_check_engine_compatibility_without_engines(record):
+    with pytest.raises(CqilError, match="has no TensorRT engines"):
+        check_engine_compatibility(record, "10.3.0", "9.0")
 
 
 # -- TensorRT missing -------------------------------------------------------------------------
@@ -120,7 +120,7 @@ class _Recorder:
 
 
 def _fake_tensorrt(rec: _Recorder) -> types.ModuleType:
-    """Just enough of TensorRT's builder API for build_plans; it records what it is asked."""
+    """Just enough of TensorRT's builder API for build_engines; it records what it is asked."""
     import onnx
 
     trt = types.ModuleType("tensorrt")
@@ -203,7 +203,7 @@ def _fake_tensorrt(rec: _Recorder) -> types.ModuleType:
             rec.networks.append(network.path)
             rec.flags.append(list(config.flags))
             rec.profiles.append(config.profiles[0].shapes)
-            return b"plan of " + network.path.encode()
+            return b"engine of " + network.path.encode()
 
     trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
     trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16")
@@ -251,10 +251,10 @@ def test_fake_build_manifest(fake_build):
     segments = [(r["rank"], s) for r in manifest["ranks"] for s in r["segments"]]
     assert len(rec.networks) == len(segments)
     for rank, seg in segments:
-        assert seg["plan"] == f"rank{rank}/{seg['name']}.plan"
+        assert seg["tensorrt_engine"] == f"rank{rank}/{seg['name']}.engine"
         # built from this segment's ONNX file (in the compile's temporary folder, since renamed)
-        assert (out / seg["plan"]).read_bytes().endswith(f"/{seg['files'][0]}".encode())
-        assert seg["plan"] in manifest["files"]
+        assert (out / seg["tensorrt_engine"]).read_bytes().endswith(f"/{seg['files'][0]}".encode())
+        assert seg["tensorrt_engine"] in manifest["files"]
     assert all(flags == ["FP16"] for flags in rec.flags)
     assert rec.caches_loaded == [b""]  # one cache, created once and shared by every segment
 

@@ -148,23 +148,24 @@ def test_greedy_tokens_match_onnxruntime(engines, which):
     ort = cqil.load(engines[which], threads=1)
     tch = cqil.load(engines[which], backend="torch", devices=["cpu"] * (2 if which == "p2" else 1), decode="static")
     # 5 + 90 tokens: the KV buffers start at 64 positions and must grow (and keep their contents)
-    assert tch.generate(IDS, max_new_tokens=90) == ort.generate(IDS, max_new_tokens=90)
-    assert tch.segments[0]["seg0"].rank.capacity == 128
+    gen = tch.generator(IDS, max_new_tokens=90)
+    while not gen.done:
+        gen.next_tokens()
+    assert gen.tokens == ort.generate(IDS, max_new_tokens=90)
+    assert gen.cache[0].capacity == 128
 
 
-def test_adopts_a_cache_it_did_not_make(engine_p2):
-    """A numpy cache (from the ONNX Runtime engine) is copied into the KV buffers, then decoding goes on."""
-    ort = cqil.load(engine_p2, threads=1)
+def test_generators_keep_their_own_buffers(engine_p2):
+    """Two generators stepped in turn on one torch engine give the tokens each gives alone."""
     tch = cqil.load(engine_p2, backend="torch", devices="cpu", decode="static")
-    ids, mask = ort.prepare(IDS)
-    cache = ort.new_cache(2)
-    ort.forward(ids, mask, ort.positions(mask), cache)
-    token = np.array([[3], [4]])
-    mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
-    pos = ort.positions(mask)[:, -1:]
-    want = ort.forward(token, mask, pos, {r: dict(c) for r, c in cache.items()})
-    got = tch.forward(token, mask, pos, {r: dict(c) for r, c in cache.items()})
-    np.testing.assert_allclose(got, want, atol=ATOL, rtol=0)
+    alone = [tch.generate([row], max_new_tokens=12) for row in IDS]
+    gens = [tch.generator([row], max_new_tokens=12) for row in IDS]
+    while not all(g.done for g in gens):
+        for g in gens:
+            if not g.done:
+                g.next_tokens()
+    assert [g.tokens for g in gens] == alone
+    assert gens[0].cache[0].keys[0].data_ptr() != gens[1].cache[0].keys[0].data_ptr()
 
 
 def test_weight_bytes_per_rank(engine_p2):

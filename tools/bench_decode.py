@@ -3,7 +3,7 @@
     python tools/bench_decode.py [--model DIR] [--prompt-len 128] [--new-tokens 64] [--threads 2]
 
 Measured on one ~125M-parameter LLaMA (hidden 768, 12 layers, GQA 12/4, vocab 32000; random
-weights made by cqil.tiny unless --model is given), batch 1, fp32:
+weights made by cqil.testing unless --model is given), batch 1, fp32:
 
 - transformers eager (`LlamaForCausalLM` with its KV cache), torch threads = --threads
 - one-graph ORT: the whole model as one ONNX graph in one ONNX Runtime session, driven by a
@@ -133,15 +133,15 @@ def main():
     args = parser.parse_args()
 
     import cqil
-    from cqil.compiler.config import ModelConfig
-    from cqil.tiny import make_checkpoint
+    from cqil.model.config import ModelConfig
+    from cqil.testing import random_checkpoint
 
     work = Path(args.work or tempfile.mkdtemp(prefix="cqil-bench-"))
     model = args.model
     if model is None:
         model = work / "bench125m"
         if not (model / "config.json").exists():
-            make_checkpoint(model, "bench125m")
+            random_checkpoint(model, "bench125m")
     cfg = ModelConfig.from_dir(model)
     engines = {}
     for p in (1, 2):

@@ -42,9 +42,9 @@ def main():
         model = str(FIXTURE)
     prompt = ["--prompt", args.prompt]
     if model is None:
-        from cqil.tiny import make_checkpoint
+        from cqil.testing import random_checkpoint
 
-        model = str(make_checkpoint(work / "tiny-llama", "llama", init_std=0.1, num_hidden_layers=12))
+        model = str(random_checkpoint(work / "tiny-llama", "llama", init_std=0.1, num_hidden_layers=12))
         print(f"made a random-weight LLaMA (no tokenizer) at {model}")
         prompt = ["--input-ids", "1,2,3,4,5"]
     engine = args.output or str(work / "engine")

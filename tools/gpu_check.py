@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--work", help="folder for checkpoints and engines (default: a temporary one)")
     p.add_argument("--atol", type=float, default=1e-4, help="fp32 logits tolerance (default 1e-4)")
     p.add_argument("--atol-fp16", type=float, default=5e-2, help="fp16 logits tolerance (default 5e-2)")
-    p.add_argument("--timing-preset", help="cqil.tiny preset for timing (default: bench125m on CUDA, llama on CPU)")
+    p.add_argument("--timing-preset", help="cqil.testing preset for timing (default: bench125m on CUDA, llama on CPU)")
     p.add_argument("--timing-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--timing-tokens", type=int, help="new tokens per timed generation (default 128 CUDA, 16 CPU)")
     p.add_argument("--repeats", type=int, default=3)
@@ -85,26 +85,33 @@ def step_logits(engine, ids, tokens):
     """Prefill logits (last position) then one decode step per column of `tokens`: [B, 1 + n, V]."""
     import numpy as np
 
-    ids, mask = engine.prepare(ids)
-    cache = engine.new_cache(ids.shape[0])
-    pos = engine.positions(mask)
-    out = [engine.forward(ids, mask, pos, cache)[:, -1]]
+    gen = engine.generator(ids)
+    out = [gen.logits]
     for i in range(tokens.shape[1]):
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        pos = pos[:, -1:] + 1
-        out.append(engine.forward(tokens[:, i:i + 1], mask, pos, cache)[:, -1])
+        gen.append_tokens(tokens[:, i:i + 1])
+        out.append(gen.logits)
     return np.stack(out, 1).astype(np.float32)
+
+
+def greedy(engine, ids, n):
+    """(tokens, CUDA graphs captured, graph errors) of a greedy generation through a Generator."""
+    gen = engine.generator(ids, max_new_tokens=n)
+    while not gen.done:
+        gen.next_tokens()
+    ranks = list(engine.runners.values())
+    return (gen.tokens, sum(len(getattr(c, "graphs", ())) for c in gen.cache.values()),
+            [r.graph_error for r in ranks if getattr(r, "graph_error", None)])
 
 
 def correctness(report: Report, args, work: Path) -> bool:
     import numpy as np
 
     import cqil
-    from cqil.tiny import make_checkpoint
+    from cqil.testing import random_checkpoint
 
     ckpt = work / "tiny-llama"
     if not (ckpt / "config.json").is_file():
-        make_checkpoint(ckpt, "llama", init_std=0.2)
+        random_checkpoint(ckpt, "llama", init_std=0.2)
     engines = {
         "fp32-p1": compile_once(ckpt, work / "fp32-p1", p=1, max_seq_len=128),
         "fp32-p2-d1": compile_once(ckpt, work / "fp32-p2-d1", p=2, start=1, end=5, bypass=1, max_seq_len=128),
@@ -125,8 +132,8 @@ def correctness(report: Report, args, work: Path) -> bool:
                 eng = cqil.load(path, backend="torch", devices=args.device, decode=decode)
                 got_prefill = eng.logits(ids)
                 got_steps = step_logits(eng, ids, tokens)
-                same_tokens = eng.generate(ids, max_new_tokens=40) == want_tokens
-                ranks = [seg.rank for segs in eng.segments.values() for seg in list(segs.values())[:1]]
+                got_tokens, graphs, graph_errors = greedy(eng, ids, 40)
+                same_tokens = got_tokens == want_tokens
                 d_prefill = float(np.abs(got_prefill - want_prefill).max())
                 d_steps = float(np.abs(got_steps - want_steps).max())
                 fp32 = name.startswith("fp32")
@@ -136,8 +143,7 @@ def correctness(report: Report, args, work: Path) -> bool:
                 report.data["checks"].append({"engine": name, "device": args.device, "decode": decode,
                                               "max_diff_prefill": d_prefill, "max_diff_decode": d_steps,
                                               "tokens_equal": same_tokens, "atol": atol, "passed": passed,
-                                              "graphs": sum(len(r.graphs) for r in ranks),
-                                              "graph_errors": [r.graph_error for r in ranks if r.graph_error]})
+                                              "graphs": graphs, "graph_errors": graph_errors})
                 print(f"{'PASS' if passed else 'FAIL'} {where}: max|diff| prefill {d_prefill:.2e}, decode "
                       f"{d_steps:.2e}, greedy tokens {'equal' if same_tokens else 'DIFFER'}", flush=True)
                 eng.close()
@@ -152,7 +158,7 @@ def timing(report: Report, args, work: Path):
     import numpy as np
 
     import cqil
-    from cqil.tiny import PRESETS, make_checkpoint
+    from cqil.testing import PRESETS, random_checkpoint
 
     cuda = args.device == "cuda"
     preset = args.timing_preset or ("bench125m" if cuda else "llama")
@@ -160,7 +166,7 @@ def timing(report: Report, args, work: Path):
     L = PRESETS[preset]["num_hidden_layers"]
     ckpt = work / f"timing-{preset}"
     if not (ckpt / "config.json").is_file():
-        make_checkpoint(ckpt, preset)
+        random_checkpoint(ckpt, preset)
     max_seq_len = 16 + n_new
     dtype = args.timing_dtype if cuda else "float32"
     end = 1 + (L - 2) // 2 * 2  # p=2 on every layer but the first and the last: depth L -> L/2 + 1
@@ -185,13 +191,12 @@ def timing(report: Report, args, work: Path):
                     eng.generate(prompt, max_new_tokens=n_new)
                     runs.append(eng.stats["ms_per_token"])
                 ms = statistics.median(runs)
-                ranks = [seg.rank for segs in eng.segments.values() for seg in list(segs.values())[:1]]
+                _, graphs, graph_errors = greedy(eng, prompt, n_new)
                 report.data["timing"].append({"preset": preset, "layers": L, "dtype": dtype, "engine": name,
                                               "depth": eng.plan.depth, "decode": decode, "devices": devices,
                                               "new_tokens": n_new, "ms_per_token": ms, "runs": runs,
                                               "prefill_ms": eng.stats["prefill_ms"],
-                                              "graphs": sum(len(r.graphs) for r in ranks),
-                                              "graph_errors": [r.graph_error for r in ranks if r.graph_error]})
+                                              "graphs": graphs, "graph_errors": graph_errors})
                 print(f"{where}: {ms:.2f} ms/token (depth {eng.plan.depth}/{L}; runs "
                       f"{', '.join(f'{r:.2f}' for r in runs)})", flush=True)
                 eng.close()

@@ -2,7 +2,7 @@
 
     python tools/make_checkpoint.py llama2-7b -o /work/scratch/llama2-7b          # ~13.5 GB, fp16
     python tools/make_checkpoint.py llama2-70b -o /tmp/llama2-70b --config-only   # config.json only
-    python tools/make_checkpoint.py llama -o /tmp/tiny --dtype float32             # a cqil.tiny preset
+    python tools/make_checkpoint.py llama -o /tmp/tiny --dtype float32             # a cqil.testing preset
 
 Output: `config.json` (architectures=["LlamaForCausalLM"] etc.), `model-0000k-of-0000N.safetensors`
 shards of about `--shard-gb` each and `model.safetensors.index.json`, the layout of HuggingFace's
@@ -46,17 +46,17 @@ SHAPES = {
 
 
 def shape_names() -> list[str]:
-    from cqil.tiny import PRESETS
+    from cqil.testing import PRESETS
 
     return [*SHAPES, *PRESETS]
 
 
 def config_of(shape: str, dtype: str) -> dict:
-    """The config.json of a named shape: one of SHAPES, or a `cqil.tiny` preset."""
+    """The config.json of a named shape: one of SHAPES, or a `cqil.testing` preset."""
     if shape in SHAPES:
         raw = dict(SHAPES[shape])
     else:
-        from cqil.tiny import PRESETS, hf_config
+        from cqil.testing import PRESETS, hf_config
 
         if shape not in PRESETS:
             raise SystemExit(f"make_checkpoint: unknown shape {shape!r}; choose from {', '.join(shape_names())}")
@@ -75,8 +75,8 @@ def tensor_shapes(raw: dict) -> list[tuple[str, tuple[int, ...]]]:
     Taken from cqil's own model built on the meta device, which has HuggingFace's parameter names;
     a tied lm_head is the embedding and is not stored, as `save_pretrained` does.
     """
-    from cqil.compiler.config import ModelConfig
-    from cqil.compiler.loader import build_meta_model
+    from cqil.model.config import ModelConfig
+    from cqil.model.loader import build_meta_model
 
     model = build_meta_model(ModelConfig.from_hf(raw))
     return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
@@ -112,7 +112,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def make_checkpoint(out_dir, shape: str = "llama2-7b", seed: int = 0, dtype: str = "float16",
+def write_sharded_checkpoint(out_dir, shape: str = "llama2-7b", seed: int = 0, dtype: str = "float16",
                     shard_bytes: int = 2 << 30, std: float = 0.02, config_only: bool = False,
                     force: bool = False, log=print) -> dict:
     """Write the checkpoint to `out_dir`; returns a report {shape, files, bytes, seconds, peak_rss_mb}."""
@@ -190,7 +190,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    report = make_checkpoint(args.output, args.shape, seed=args.seed, dtype=args.dtype,
+    report = write_sharded_checkpoint(args.output, args.shape, seed=args.seed, dtype=args.dtype,
                              shard_bytes=int(args.shard_gb * (1 << 30)), std=args.std,
                              config_only=args.config_only, force=args.force)
     print(json.dumps(report))

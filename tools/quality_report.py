@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from cqil.compiler.loader import load_model
+from cqil.model.loader import load_model
 from cqil.plan import Plan
-from cqil.quality.data import load_tokenizer, read_text, tokenize
+from cqil.model.tokenizer import load_tokenizer
+from cqil.quality.data import read_text, tokenize
 from cqil.quality.finetune import Settings, finetune
 from cqil.quality.perplexity import perplexity
-from cqil.quality.plot import PlotUnavailable, plot_similarity
+from cqil.quality.plot import plot_similarity
 from cqil.quality.similarity import DEFAULT_THRESHOLD, measure, suggest_range
 from cqil.quality.targets import model_target
 
@@ -101,12 +102,8 @@ def main(argv=None):
             print(rows[-1], flush=True)
 
     plot_name = out.with_name(out.stem + "-similarity.png")
-    try:
-        best = suggestions[min(suggestions)]
-        plot_similarity(sim, best, DEFAULT_THRESHOLD, plot_name, title=f"{model_dir.name}: layer-input similarity")
-    except PlotUnavailable as e:
-        print(f"plot skipped: {e}")
-        plot_name = None
+    best = suggestions[min(suggestions)]
+    plot_similarity(sim, best, DEFAULT_THRESHOLD, plot_name, title=f"{model_dir.name}: layer-input similarity")
     out.write_text(render(args, model_dir, sim, suggestions, rows, plot_name, len(train_ids), len(eval_ids),
                           time.perf_counter() - started))
     print(f"wrote {out}")

@@ -7,31 +7,13 @@ import json
 import sys
 import time
 
-from cqil.cli_util import ArgumentParser, run_main
-from cqil.compiler.config import ModelConfig
-from cqil.compiler.loader import build_meta_model
-from cqil.compiler.pipeline import build_graph, resolve_plan
+from cqil.cli_util import ArgumentParser, add_plan_flags, plan_from_args, run_main
 from cqil.errors import CqilError
+from cqil.model.config import ModelConfig
+from cqil.model.loader import build_meta_model
+from cqil.passes import build_graph
 from cqil.passes.partition import MAX_SEGMENT_BYTES
-from cqil.plan import SEMANTICS, Plan
-
-
-def add_plan_flags(parser: argparse.ArgumentParser, p_required: bool = False):
-    """The plan flags shared by cqil-compile, cqil-finetune and cqil-eval."""
-    parser.add_argument("--p", type=int, required=p_required, help="layers per group = number of ranks")
-    parser.add_argument("--start", type=int, help="first layer of the CQIL range (default: see README)")
-    parser.add_argument("--end", type=int, help="end of the CQIL range, exclusive (default: num_layers - 2)")
-    parser.add_argument("--bypass", type=int, default=None, help="bypass distance d, 0 <= d < p (default 0)")
-    parser.add_argument("--bypass-semantics", choices=SEMANTICS, default=None,
-                        help="'once' (default) or 'reference' (the authors' released code; the default "
-                             "for a plan read from the checkpoint's cqil_layers)")
-    parser.add_argument("--replicate-outer", action="store_true",
-                        help="run the layers outside the range on every rank instead of rank 0 only")
-
-
-def plan_from_args(cfg: ModelConfig, args) -> tuple[Plan, str]:
-    return resolve_plan(cfg, p=args.p, start=args.start, end=args.end, bypass=args.bypass,
-                        semantics=args.bypass_semantics, replicate_outer=args.replicate_outer)
+from cqil.plan import Plan
 
 
 def describe(cfg: ModelConfig, plan: Plan, source: str) -> dict:
@@ -134,11 +116,9 @@ def main(argv=None) -> int:
             raise CqilError("give -o ENGINE_DIR (or --dry-run to only print the plan)")
         from cqil.compiler.compile import compile_model
 
-        compile_model(args.model, args.output, p=args.p, start=args.start, end=args.end, bypass=args.bypass,
-                      semantics=args.bypass_semantics, replicate_outer=args.replicate_outer, dtype=args.dtype,
-                      max_seq_len=args.max_seq_len, force=args.force, adapter=args.adapter,
-                      allow_plan_mismatch=args.allow_plan_mismatch, progress=not args.no_progress,
-                      formats=_formats(args), max_batch=args.max_batch,
+        compile_model(args.model, args.output, plan=plan, plan_source=source, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                      force=args.force, adapter=args.adapter, allow_plan_mismatch=args.allow_plan_mismatch,
+                      progress=not args.no_progress, formats=_formats(args), max_batch=args.max_batch,
                       max_segment_bytes=int(args.max_segment_mb * 2**20) or None,
                       log=lambda msg: print(msg, file=sys.stderr))
         return 0

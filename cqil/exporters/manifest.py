@@ -35,6 +35,11 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+def is_engine_dir(path: str | Path) -> bool:
+    """Whether `path` is an engine directory (it holds a manifest), without reading it."""
+    return (Path(path) / MANIFEST).is_file()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

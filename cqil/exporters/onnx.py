@@ -20,10 +20,10 @@ from typing import Callable
 
 import torch
 
-from cqil.compiler.config import ModelConfig
 from cqil.errors import CqilError
+from cqil.model.config import ModelConfig
 from cqil.passes.partition import Partition, Segment
-from cqil.runtime.lockstep import run_lockstep
+from cqil.program import AXES, cache_entries, past_name, run_lockstep
 
 OPSET = 18
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # keep protobufs far from their 2 GiB limit
@@ -37,10 +37,9 @@ def _feeds(cfg: ModelConfig, dtype, batch, seq, past, device="meta") -> dict:
         "position_ids": torch.arange(past, past + seq, device=device).expand(batch, seq).contiguous()
         if device != "meta" else torch.zeros(batch, seq, dtype=torch.int64, device=device),
     }
-    for l in range(cfg.num_layers):
-        for kind in ("key", "value"):
-            feeds[f"past_key_values.{l}.{kind}"] = torch.zeros(
-                batch, cfg.num_kv_heads, past, cfg.head_dim, dtype=dtype, device=device)
+    for layer, kind in cache_entries(range(cfg.num_layers)):
+        feeds[past_name(layer, kind)] = torch.zeros(batch, cfg.num_kv_heads, past, cfg.head_dim, dtype=dtype,
+                                                    device=device)
     return feeds
 
 
@@ -82,7 +81,7 @@ def value_specs(part: Partition, cfg: ModelConfig, dtype) -> dict[int, dict[str,
     with _tensors_on_meta(part):
         runs = [_run_meta(part, cfg, dtype, sizes) for sizes in _SIZES]
     (b, t, p), _ = _SIZES
-    axis_names = {b: "batch", t: "sequence", p: "past_sequence", p + t: "total_sequence"}
+    axis_names = dict(zip((b, t, p, p + t), AXES))
     specs = {}
     for rank, env in runs[0].items():
         specs[rank] = {}
@@ -102,7 +101,7 @@ def value_specs(part: Partition, cfg: ModelConfig, dtype) -> dict[int, dict[str,
 
 def _example(spec: dict, name: str, cfg: ModelConfig) -> torch.Tensor:
     (b, t, p), _ = _SIZES
-    sizes = {"batch": b, "sequence": t, "past_sequence": p, "total_sequence": p + t}
+    sizes = dict(zip(AXES, (b, t, p, p + t)))
     shape = [sizes.get(d, d) for d in spec["shape"]]
     dtype = getattr(torch, spec["dtype"])
     if name == "input_ids":

@@ -1,10 +1,10 @@
-"""Build a TensorRT plan (`rank{r}/seg{i}.plan`) from each exported ONNX segment.
+"""Build a TensorRT engine (`rank{r}/seg{i}.engine`) from each exported ONNX segment.
 
     cqil-compile MODEL --p 2 -o ENGINE --backend tensorrt [--dtype float16] [--max-batch 8]
 
 Per segment: `trt.OnnxParser` fills a network from the segment's ONNX file, the builder config gets
 the precision flag of `--dtype` (FP16 / BF16; float32 sets none) and one optimization profile, and
-`build_serialized_network` writes the plan. One timing cache is shared by every segment (layers of
+`build_serialized_network` writes the serialized engine. One timing cache is shared by every segment (layers of
 the same shape are timed once) and saved as `timing.cache` in the engine directory.
 
 The profile comes from the manifest's dynamic axis names (`profile_axes`):
@@ -18,8 +18,8 @@ The profile comes from the manifest's dynamic axis names (`profile_axes`):
 finds the profile inconsistent (a concat of past and new keys feeds an add with the mask): its max
 is therefore the sum of the two maxima, although the runtime never exceeds max_seq_len.
 
-Plans only load under the TensorRT version and on the GPU (compute capability) that built them; the
-manifest's `tensorrt` record says which, and `check_plan_compatibility` refuses the rest.
+TensorRT engines only load under the TensorRT version and on the GPU (compute capability) that built them; the
+manifest's `tensorrt` record says which, and `check_engine_compatibility` refuses the rest.
 
 Precision: with weak typing (the default) the FP16/BF16 flag lets TensorRT choose reduced precision
 per layer, which may include the softmax that the ONNX graph computes in float32;
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from cqil.errors import CqilError
 
-PLAN_SUFFIX = ".plan"
+ENGINE_SUFFIX = ".engine"
 TIMING_CACHE = "timing.cache"
 PRECISION_FLAGS = {"float32": (), "float16": ("FP16",), "bfloat16": ("BF16",)}
 
@@ -87,28 +87,28 @@ def _capability(cc) -> str:
     return f"{cc[0]}.{cc[1]}" if isinstance(cc, (tuple, list)) else str(cc)
 
 
-def check_plan_compatibility(record: dict | None, trt_version: str, compute_capability) -> None:
-    """Refuse plans built by another TensorRT release or for another GPU architecture, by name.
+def check_engine_compatibility(record: dict | None, trt_version: str, compute_capability) -> None:
+    """Refuse engines built by another TensorRT release or for another GPU architecture, by name.
 
     `record` is the manifest's "tensorrt" entry; `compute_capability` is "9.0" or (9, 0).
     """
     if not record:
-        raise CqilError("engine: it has no TensorRT plans; recompile it with --backend tensorrt")
+        raise CqilError("engine: it has no TensorRT engines; recompile it with --backend tensorrt")
     built, here = _release(record.get("tensorrt_version", "?")), _release(trt_version)
     if built != here:
-        raise CqilError(f"engine: its TensorRT plans were built with TensorRT {built}, this is TensorRT {here}; "
-                        f"plans load only in the release that built them: recompile with --backend tensorrt here")
+        raise CqilError(f"engine: its TensorRT engines were built with TensorRT {built}, this is TensorRT {here}; "
+                        f"engines load only in the release that built them: recompile with --backend tensorrt here")
     built_cc, here_cc = _capability(record.get("compute_capability", "?")), _capability(compute_capability)
     if built_cc != here_cc:
         device = f" ({record['device_name']})" if record.get("device_name") else ""
-        raise CqilError(f"engine: its TensorRT plans were built for compute capability {built_cc}{device}, this GPU "
+        raise CqilError(f"engine: its TensorRT engines were built for compute capability {built_cc}{device}, this GPU "
                         f"is {here_cc}; recompile with --backend tensorrt on this GPU")
 
 
-def build_plans(engine_dir: Path, records: dict[int, list[dict]], dtype: str, max_batch: int, max_seq_len: int,
+def build_engines(engine_dir: Path, records: dict[int, list[dict]], dtype: str, max_batch: int, max_seq_len: int,
                 device: int = 0, strongly_typed: bool = False, workspace_bytes: int | None = None,
                 log=print) -> tuple[dict, list[str]]:
-    """Build `rank{r}/seg{i}.plan` for every segment record (adds its "plan" key).
+    """Build `rank{r}/seg{i}.engine` for every segment record (adds its "tensorrt_engine" key).
 
     Returns the manifest's "tensorrt" record and the files written (relative to engine_dir).
     """
@@ -116,7 +116,7 @@ def build_plans(engine_dir: Path, records: dict[int, list[dict]], dtype: str, ma
     import torch
 
     if not torch.cuda.is_available():
-        raise CqilError("tensorrt: building plans needs a CUDA GPU, and torch sees none")
+        raise CqilError("tensorrt: building engines needs a CUDA GPU, and torch sees none")
     if dtype not in PRECISION_FLAGS:
         raise CqilError(f"tensorrt: dtype {dtype} is not supported (use {', '.join(PRECISION_FLAGS)})")
     torch.cuda.set_device(device)  # the builder uses the current device
@@ -131,13 +131,13 @@ def build_plans(engine_dir: Path, records: dict[int, list[dict]], dtype: str, ma
     for rank, recs in records.items():
         for rec in recs:
             onnx_path = engine_dir / rec["files"][0]
-            plan = _build_one(trt, builder, logger, onnx_path, rec, input_profile(rec["inputs"], axes), flags,
+            serialized = _build_one(trt, builder, logger, onnx_path, rec, input_profile(rec["inputs"], axes), flags,
                               cache, strongly_typed, workspace_bytes)
-            rel = f"rank{rank}/{rec['name']}{PLAN_SUFFIX}"
-            (engine_dir / rel).write_bytes(plan)
-            rec["plan"] = rel
+            rel = f"rank{rank}/{rec['name']}{ENGINE_SUFFIX}"
+            (engine_dir / rel).write_bytes(serialized)
+            rec["tensorrt_engine"] = rel
             files.append(rel)
-            log(f"tensorrt: built {rel} ({len(plan) / 2**20:.1f} MiB)")
+            log(f"tensorrt: built {rel} ({len(serialized) / 2**20:.1f} MiB)")
     cache_path.write_bytes(bytes(cache.serialize()))
     files.append(TIMING_CACHE)
     record = {
@@ -182,5 +182,5 @@ def _build_one(trt, builder, logger, onnx_path: Path, rec: dict, profile: dict, 
     config.add_optimization_profile(opt)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise CqilError(f"tensorrt: building the plan of {onnx_path} failed (see TensorRT's log above)")
+        raise CqilError(f"tensorrt: building the engine of {onnx_path} failed (see TensorRT's log above)")
     return bytes(serialized)

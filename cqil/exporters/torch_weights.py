@@ -19,19 +19,13 @@ from typing import Callable, Iterable
 
 import torch
 
-from cqil.compiler.loader import param_names
 from cqil.errors import CqilError
+from cqil.model.loader import param_names, stored_name
 from cqil.passes.partition import Partition, Segment
 
 WEIGHTS_FILE = "weights.safetensors"
-EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
-def stored_name(name: str, tied: bool) -> str:
-    """The name a parameter is stored (and read) under: a tied lm_head is the embedding."""
-    return EMBED if tied and name == LM_HEAD else name
 
 
 def rank_parameters(segments: list[Segment], tied: bool) -> dict[str, tuple[Segment, str]]:
@@ -79,7 +73,7 @@ def export_torch_weights(part: Partition, out_dir: Path, tied: bool, materialize
     """Write rank{r}/weights.safetensors for every rank; returns each rank's manifest "weights" record.
 
     `materialize(names)` / `release(names)` load and drop checkpoint tensors by name (one at a time
-    here), as `cqil.compiler.loader.Weights` does.
+    here), as `cqil.model.loader.Weights` does.
     """
     records = {}
     for rank, segments in part.segments.items():

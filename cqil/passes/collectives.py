@@ -2,22 +2,21 @@
 
 In the CQIL GraphModule every rank's values live in one graph, so on a single device a collective
 is a plain function of all ranks' tensors: `all_reduce_sum(d_0, ..., d_{p-1})` returns their sum,
-`all_gather(a_0, ..., a_{p-1})` returns them all, `broadcast(x)` returns x (computed on rank 0). The partition pass cuts the graph at these
-nodes; the runtime then performs the real collective between ranks, summing in rank order so that
-its result is bit-identical to this single-device reference.
+`all_gather(a_0, ..., a_{p-1})` returns them all, `broadcast(x)` returns x (computed on rank 0).
+The partition pass cuts the graph at these nodes; the runtime then performs the real collective
+between ranks with the same `rank_ordered_sum`, so its result is bit-identical to this reference.
 """
 
 from __future__ import annotations
 
 import torch
 
+from cqil.program import rank_ordered_sum
+
 
 def all_reduce_sum(*tensors: torch.Tensor) -> torch.Tensor:
     """Sum of every rank's tensor, added in rank order."""
-    total = tensors[0]
-    for t in tensors[1:]:
-        total = total + t
-    return total
+    return rank_ordered_sum(tensors)
 
 
 def all_gather(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:

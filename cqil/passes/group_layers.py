@@ -1,6 +1,6 @@
 """The CQIL pass: rewrite each group of p adjacent layers into p parallel branches.
 
-Requires: a GraphModule from `cqil.compiler.trace.trace` (nodes tagged `cqil.layer`).
+Requires: a GraphModule from `cqil.model.trace.trace` (nodes tagged `cqil.layer`).
 Guarantees: for every group k of `plan.groups`, the members' nodes read the group input x, carry
 `meta["cqil.rank"] = i`, `["cqil.group"] = k`, `["cqil.layer"] = layer`; the attention-output
 exchange (d > 0) and the sum of the deltas are `all_gather` / `all_reduce_sum` call_function nodes
@@ -63,7 +63,7 @@ def find_layer(gm: fx.GraphModule, layer: int) -> LayerNodes:
         post_norm, mlp = by_target["post_attention_layernorm"], by_target["mlp"]
     except KeyError as e:
         raise CqilError(f"group_layers: layer {layer} has no {e.args[0]} node; trace the model with "
-                        f"cqil.compiler.trace first")
+                        f"cqil.model.trace first")
     items = {n.args[1]: n for n in attn.users if n.target is operator.getitem}
     output = next((n for n in mlp.users if n.target is operator.add), None)
     if set(items) != {0, 1, 2} or output is None:

@@ -42,9 +42,8 @@ import torch.fx as fx
 from cqil.errors import CqilError
 from cqil.passes.collectives import collective_kind
 from cqil.plan import Plan
-from cqil.schedule import Step
+from cqil.program import KV_KINDS, LOGITS, Step, past_name, present_name
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 MAX_SEGMENT_BYTES = 1 << 30  # the compile's default cap on one segment's weights
 
 
@@ -81,7 +80,7 @@ def value_name(node: fx.Node) -> str:
         return node.name
     if _is_past(node):
         j = node.args[1]
-        return f"past_key_values.{j // 2}.{'key' if j % 2 == 0 else 'value'}"
+        return past_name(j // 2, KV_KINDS[j % 2])
     if node.target is operator.getitem and collective_kind(node.args[0]) == "all_gather":
         return f"{node.args[0].args[node.args[1]].meta['cqil.value']}.{node.args[1]}"
     kind = collective_kind(node)
@@ -102,9 +101,9 @@ def _is_received(node: fx.Node) -> bool:
 def _graph_outputs(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """Model outputs: logits and the presents, by producing node."""
     (logits, presents), = gm.graph.output_node().args
-    names = {logits: "logits"}
+    names = {logits: LOGITS}
     for j, node in enumerate(presents):
-        names[node] = f"present.{j // 2}.{'key' if j % 2 == 0 else 'value'}"
+        names[node] = present_name(j // 2, KV_KINDS[j % 2])
     return names
 
 
@@ -136,7 +135,7 @@ def partition(gm: fx.GraphModule, plan: Plan | None = None, max_segment_bytes: i
     for rank in range(plan.p):
         roots = [n for n in nodes if rank in _owners(n, plan) and not _is_received(n)]
         if rank == 0:  # rank 0 also makes the logits and what it broadcasts (the embedding, if start=0)
-            roots.append(next(n for n, name in outputs.items() if name == "logits"))
+            roots.append(next(n for n, name in outputs.items() if name == LOGITS))
             roots += [n.args[0] for n in nodes if collective_kind(n) == "broadcast" and not _is_received(n.args[0])]
         needed = _closure(roots)
         result.segments[rank], result.programs[rank] = _split(gm, nodes, needed, rank, outputs, max_segment_bytes)
@@ -185,7 +184,7 @@ def _split(gm, nodes, needed, rank, outputs, max_segment_bytes=None):
         close_run()
 
     # what the rank sends: its all_gather / all_reduce contributions, and (rank 0) the broadcast source
-    sent = {s.inputs[0] for s in steps if isinstance(s, Step) and (rank == 0 or s.kind != "broadcast")}
+    sent = {s.inputs[0] for s in steps if isinstance(s, Step) and s.sends(rank)}
     segment_of = {n: i for i, run in enumerate(runs) for n in run}
     segments = []
     for i, run in enumerate(runs):

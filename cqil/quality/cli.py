@@ -14,10 +14,9 @@ import argparse
 import json
 import sys
 
-from cqil.cli_util import ArgumentParser, run_main
-from cqil.compiler.cli import add_plan_flags, plan_from_args
-from cqil.compiler.config import ModelConfig
+from cqil.cli_util import ArgumentParser, add_plan_flags, plan_from_args, run_main
 from cqil.errors import CqilError
+from cqil.model.config import ModelConfig
 
 
 def _add_data_flags(parser, seq_len_help: str, max_tokens_default=None):
@@ -53,12 +52,12 @@ def analyze_parser() -> argparse.ArgumentParser:
                         help=f"least similarity of a layer's input to its group's input (default {DEFAULT_THRESHOLD})")
     _add_data_flags(parser, "tokens per forward window (default 256)", max_tokens_default=8192)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--plot", help="write a PNG plot of the similarities here (needs matplotlib)")
+    parser.add_argument("--plot", help="write a PNG plot of the similarities here")
     return parser
 
 
 def analyze_main(argv=None) -> int:
-    from cqil.compiler.loader import load_model
+    from cqil.model.loader import load_model
     from cqil.quality.data import check_vocab, load_token_stream
     from cqil.quality.similarity import measure, suggest_range
 
@@ -74,21 +73,17 @@ def analyze_main(argv=None) -> int:
     model = load_model(args.model, max_seq_len=seq_len, cfg=cfg)
     sim = measure(model, ids, seq_len, max_offset=args.p - 1)
     suggestion = suggest_range(sim, args.p, args.threshold)
-    plot_note = None
     if args.plot:
-        from cqil.quality.plot import PlotUnavailable, plot_similarity
-        try:
-            plot_similarity(sim, suggestion, args.threshold, args.plot, title=f"{args.model}: layer-input similarity")
-        except PlotUnavailable as e:
-            plot_note = f"plot skipped: {e}"
-            print(f"cqil-analyze: {plot_note}", file=sys.stderr)
+        from cqil.quality.plot import plot_similarity
+
+        plot_similarity(sim, suggestion, args.threshold, args.plot, title=f"{args.model}: layer-input similarity")
     if args.json:
         out = {**sim.to_dict(), "p": args.p, "threshold": args.threshold,
                "to_group_start": sim.to_group_start(suggestion.plan), "suggested": suggestion.to_dict(),
-               "plot": None if plot_note or not args.plot else args.plot}
+               "plot": args.plot}
         print(json.dumps(out))
     else:
-        print(format_analysis(args.model, sim, suggestion, args.plot if args.plot and not plot_note else None))
+        print(format_analysis(args.model, sim, suggestion, args.plot))
     return 0
 
 
@@ -117,7 +112,7 @@ def format_analysis(model: str, sim, suggestion, plot: str | None) -> str:
 
 def finetune_parser() -> argparse.ArgumentParser:
     from cqil.quality.finetune import Settings
-    from cqil.quality.adapter import DEFAULT_TARGETS
+    from cqil.quality.lora import DEFAULT_TARGETS
 
     d = Settings()
     parser = ArgumentParser(
@@ -144,10 +139,10 @@ def finetune_parser() -> argparse.ArgumentParser:
 
 
 def finetune_main(argv=None) -> int:
-    from cqil.compiler.loader import build_meta_model, load_model
+    from cqil.model.loader import build_meta_model, load_model
     from cqil.quality.data import load_token_stream
     from cqil.quality.finetune import Settings, finetune
-    from cqil.quality.adapter import lora_config
+    from cqil.quality.lora import lora_config
 
     args = finetune_parser().parse_args(argv)
     cfg = ModelConfig.from_dir(args.model)
@@ -187,9 +182,11 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def eval_main(argv=None) -> int:
-    from cqil.quality.data import check_vocab, load_tokenizer, read_text, tokenize
+    from cqil.exporters.manifest import is_engine_dir
+    from cqil.model.tokenizer import load_tokenizer
+    from cqil.quality.data import check_vocab, read_text, tokenize
     from cqil.quality.perplexity import perplexity
-    from cqil.quality.targets import engine_target, is_engine_dir, model_target, plan_for_eval
+    from cqil.quality.targets import engine_target, model_target, plan_for_eval
 
     args = eval_parser().parse_args(argv)
     text = read_text(args.data)  # bad data fails before any weights load

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from cqil.errors import CqilError
+from cqil.model.tokenizer import load_tokenizer
 
 
 def read_text(path: str | Path) -> str:
@@ -31,20 +32,6 @@ def read_text(path: str | Path) -> str:
     if not text.strip():
         raise CqilError(f"data: {path} is empty")
     return text
-
-
-def load_tokenizer(folder: str | Path):
-    """The tokenizer saved in a model (or engine) folder, with transformers.AutoTokenizer."""
-    import transformers
-
-    folder = Path(folder)
-    if not any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise CqilError(f"data: {folder} has no tokenizer files (tokenizer.json, tokenizer.model or vocab.json); "
-                        f"save the tokenizer next to the weights")
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(folder))
-    except Exception as e:  # broken tokenizer files raise many types
-        raise CqilError(f"data: cannot load the tokenizer in {folder}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 def tokenize(tokenizer, text: str, max_tokens: int | None = None, min_tokens: int = 2) -> torch.Tensor:
@@ -71,7 +58,7 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None, min_tokens: in
 def load_token_stream(data_path, tokenizer_folder, max_tokens: int | None = None, min_tokens: int = 2) -> torch.Tensor:
     """read_text + load_tokenizer + tokenize: what each CLI needs from --data."""
     text = read_text(data_path)  # checked before the (slower) tokenizer load
-    return tokenize(load_tokenizer(tokenizer_folder), text, max_tokens, min_tokens)
+    return tokenize(load_tokenizer(tokenizer_folder, what="data"), text, max_tokens, min_tokens)
 
 
 def check_vocab(ids: torch.Tensor, vocab_size: int):

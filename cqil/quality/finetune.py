@@ -31,12 +31,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cqil.compiler.model import CausalLM
-from cqil.compiler.pipeline import build_graph
 from cqil.errors import CqilError
+from cqil.model.adapter import PLAN_FILE, write_plan
+from cqil.model.model import CausalLM
+from cqil.passes import build_graph
 from cqil.plan import Plan
 from cqil.quality.data import check_vocab
-from cqil.quality.adapter import DEFAULT_TARGETS, PLAN_FILE, lora_config, write_plan
+from cqil.quality.lora import DEFAULT_TARGETS, lora_config
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"

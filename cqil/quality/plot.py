@@ -1,8 +1,4 @@
-"""The similarity plot of cqil-analyze (matplotlib, optional).
-
-matplotlib is not a hard dependency of cqil: without it `plot_similarity` raises `PlotUnavailable`
-and the CLI says so on stderr and goes on (the table and JSON do not need it).
-"""
+"""The similarity plot of cqil-analyze: adjacent-layer similarity, similarity to the group input, the range."""
 
 from __future__ import annotations
 
@@ -11,17 +7,11 @@ from pathlib import Path
 from cqil.quality.similarity import Similarity, Suggestion
 
 
-class PlotUnavailable(Exception):
-    pass
-
-
 def plot_similarity(sim: Similarity, suggestion: Suggestion, threshold: float, out: str | Path, title: str = ""):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # files only: never open a window
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise PlotUnavailable("matplotlib is not installed (pip install matplotlib)")
+    import matplotlib
+    matplotlib.use("Agg")  # files only: never open a window
+    import matplotlib.pyplot as plt
+
     plan = suggestion.plan
     L = sim.num_layers
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from cqil.compiler.model import CausalLM
+from cqil.model.model import CausalLM
 from cqil.plan import Plan
 
 DEFAULT_THRESHOLD = 0.9

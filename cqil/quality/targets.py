@@ -14,14 +14,10 @@ from typing import Callable
 
 import torch
 
-from cqil.compiler.config import ModelConfig
-from cqil.compiler.loader import load_model
-from cqil.compiler.pipeline import build_graph, resolve_plan
-from cqil.errors import CqilError
-from cqil.plan import Plan
-from cqil.quality.adapter import merge_adapter
-
-MANIFEST = "manifest.json"
+from cqil.model.config import ModelConfig
+from cqil.model.loader import load_model
+from cqil.passes import build_graph
+from cqil.plan import Plan, resolve_plan
 
 
 @dataclass
@@ -35,10 +31,6 @@ class Target:
     describe: dict = field(default_factory=dict)
 
 
-def is_engine_dir(path: str | Path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
-
-
 def original_plan(cfg: ModelConfig) -> Plan:
     """p=1: the model as trained, whatever its config says about CQIL."""
     return Plan(cfg.num_layers, 1, 0, 0)
@@ -48,7 +40,8 @@ def plan_for_eval(cfg: ModelConfig, p=None, start=None, end=None, bypass=None, s
     """No plan flags and no `cqil_layers` in the config: the original model; else as cqil-compile."""
     if p is None and start is None and end is None and bypass is None and "cqil_layers" not in cfg.extra:
         return original_plan(cfg), "original model"
-    return resolve_plan(cfg, p=p, start=start, end=end, bypass=bypass, semantics=semantics)
+    return resolve_plan(cfg.num_layers, p=p, start=start, end=end, bypass=bypass, semantics=semantics,
+                        authors=cfg.extra)
 
 
 def model_target(model_dir: str | Path, plan: Plan | None = None, adapter: str | Path | None = None,
@@ -56,9 +49,8 @@ def model_target(model_dir: str | Path, plan: Plan | None = None, adapter: str |
     """The checkpoint run as the CQIL GraphModule of `plan` (None: the original model)."""
     cfg = ModelConfig.from_dir(model_dir)
     plan = plan or original_plan(cfg)
-    model = load_model(model_dir, max_seq_len=max_seq_len, cfg=cfg)
-    if adapter is not None:
-        model = merge_adapter(model, adapter, plan, allow_plan_mismatch)
+    model = load_model(model_dir, max_seq_len=max_seq_len, cfg=cfg, adapter=adapter, plan=plan,
+                       allow_plan_mismatch=allow_plan_mismatch)
     gm = build_graph(model, plan)
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
@@ -75,22 +67,12 @@ def engine_target(engine_dir: str | Path) -> Target:
     """A compiled engine through the runtime's `load(engine_dir).logits`."""
     import numpy as np
 
-    try:
-        from cqil import runtime
-    except ImportError as e:
-        raise CqilError(f"eval: the engine runtime cannot be imported ({e})")
-    load = getattr(runtime, "load", None)
-    if load is None:
-        raise CqilError("eval: this installation has no engine runtime (cqil.runtime.load); "
-                        "evaluate the checkpoint with plan flags instead")
+    from cqil.runtime import load
+
     engine = load(str(engine_dir))
 
     def logits(ids: torch.Tensor):
         return engine.logits(np.ascontiguousarray(ids.numpy(), dtype=np.int64))
 
-    plan = getattr(engine, "plan", None)
-    vocab_size = getattr(getattr(engine, "config", None), "vocab_size", None)
-    return Target("engine", logits, Path(engine_dir), vocab_size, getattr(engine, "max_seq_len", None),
-                  plan if isinstance(plan, Plan) else None,
-                  {"engine": str(engine_dir), "plan": plan.to_dict() if isinstance(plan, Plan) else None,
-                   "plan_text": f"engine, {plan}" if isinstance(plan, Plan) else "engine"})
+    return Target("engine", logits, Path(engine_dir), engine.config.vocab_size, engine.max_seq_len, engine.plan,
+                  {"engine": str(engine_dir), "plan": engine.plan.to_dict(), "plan_text": f"engine, {engine.plan}"})

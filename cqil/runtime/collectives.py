@@ -1,7 +1,7 @@
 """In-process collectives between rank threads.
 
 Every rank deposits its value and waits at one barrier; the last thread to arrive combines the
-values (in rank order, so the result is bit-identical to the single-graph reference) before any
+values (`rank_ordered_sum`, so the result is bit-identical to the single-graph reference) before any
 thread is released. A rank that fails aborts the barrier, so the others stop waiting at once
 instead of hanging.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 from cqil.errors import CqilError
+from cqil.program import rank_ordered_sum
 
 
 class LocalCollectives:
@@ -25,10 +26,7 @@ class LocalCollectives:
     def _combine(self):
         values = self._values
         if self._kind == "all_reduce":
-            total = values[0]
-            for v in values[1:]:
-                total = total + v
-            self._result = total
+            self._result = rank_ordered_sum(values)
         elif self._kind == "all_gather":
             self._result = list(values)
         else:  # broadcast from rank 0

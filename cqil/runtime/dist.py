@@ -32,7 +32,8 @@ from datetime import timedelta
 
 import numpy as np
 
-from cqil.errors import CqilError
+from cqil.errors import CqilError, first_line
+from cqil.program import rank_ordered_sum
 
 _KEY = "cqil/"  # store keys of this module; torch.distributed's own live under "default_pg"
 
@@ -71,7 +72,7 @@ class DistCollectives:
             dist.init_process_group(self.backend, store=self.store, rank=rank, world_size=world_size, timeout=td)
         except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
             raise CqilError(f"rank {rank}: rendezvous of {world_size} processes at {init_method} failed within "
-                            f"{self.timeout:g} s ({_first_line(e)}); did every rank start, with the same "
+                            f"{self.timeout:g} s ({_gloo_line(e)}); did every rank start, with the same "
                             f"master address and port?") from e
         self._interval = max(0.05, min(heartbeat, self.timeout / 10))
         self._stop = threading.Event()
@@ -88,15 +89,11 @@ class DistCollectives:
         if self.world_size == 1:
             return [value] if kind == "all_gather" else value
         if kind == "all_reduce":
-            parts = self._gather(kind, value)
             # Not dist.all_reduce: its summation order depends on the backend's algorithm (ring,
             # halving-doubling, ...), so results would drift from the single-graph reference in the
             # last bits and greedy tokens could flip. The deltas are small ([B, T, H] per group),
             # so gathering them and adding in rank order costs little and is bit-identical.
-            total = parts[0]
-            for v in parts[1:]:
-                total = total + v
-            return total
+            return rank_ordered_sum(self._gather(kind, value))
         if kind == "all_gather":
             return list(self._gather(kind, value))
         if kind == "broadcast":
@@ -175,7 +172,7 @@ class DistCollectives:
             yield
         except RuntimeError as e:  # gloo / NCCL errors, DistBackendError included
             self.failed_ranks, how = self._suspects()
-            self._broken = f"rank {self.rank}: {what} (collective #{self._seq}) failed: {how} [{_first_line(e)}]"
+            self._broken = f"rank {self.rank}: {what} (collective #{self._seq}) failed: {how} [{_gloo_line(e)}]"
             raise CqilError(self._broken) from e
 
     # -- liveness -----------------------------------------------------------------------------
@@ -224,8 +221,9 @@ def _names(ranks) -> str:
     return ", ".join(str(r) for r in ranks)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if text.startswith("[") and "] " in text:  # drop gloo's "[/path/to/pair.cc:537] " prefix
+def _gloo_line(e: BaseException) -> str:
+    """first_line without gloo's "[/path/to/pair.cc:537] " prefix and its generic advice."""
+    text = first_line(e)
+    if text.startswith("[") and "] " in text:
         text = text.split("] ", 1)[1]
-    return text.split(". This is typically caused", 1)[0].rstrip(".")[:300]  # gloo's generic advice
+    return text.split(". This is typically caused", 1)[0].rstrip(".")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cqil.program import rank_ordered_sum
 from cqil.runtime.collectives import LocalCollectives
 
 
@@ -23,16 +24,6 @@ class DeviceCollectives(LocalCollectives):
         self._events = [[torch.cuda.Event(), torch.cuda.Event()] for _ in devices]
         self._turn = [0] * len(devices)
 
-    @classmethod
-    def for_engine(cls, engine, timeout: float | None):
-        # a rank without segments (p=2 on a range that holds no group) has no state and no collectives
-        from cqil.runtime.backends.torch_backend import _RANKS
-
-        states = [_RANKS.get(engine, {}).get(r) for r in engine.ranks]
-        if all(s is None or s.stream is None for s in states):  # CPU: plain in-process collectives do
-            return LocalCollectives(len(states), timeout=timeout)
-        return cls([s and s.device for s in states], [s and s.stream for s in states], timeout)
-
     def _combine(self):
         self._result = self._values  # each rank combines on its own device, after the barrier
         self._values = [None] * self.world_size
@@ -50,12 +41,7 @@ class DeviceCollectives(LocalCollectives):
             if kind == "broadcast":
                 return self._receive(rank, 0, *values[0])
             local = [self._receive(rank, j, v, e) for j, (v, e) in enumerate(values)]
-            if kind == "all_gather":
-                return local
-            total = local[0]
-            for v in local[1:]:
-                total = total + v
-            return total
+            return local if kind == "all_gather" else rank_ordered_sum(local)
 
     def _receive(self, rank: int, src: int, value: torch.Tensor, event) -> torch.Tensor:
         if src == rank:

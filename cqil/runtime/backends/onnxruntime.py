@@ -1,11 +1,25 @@
-"""The ONNX Runtime backend: one InferenceSession per segment."""
+"""The ONNX Runtime backend: one InferenceSession per segment, numpy values, the ONNX KV cache form.
+
+    engine = cqil.load("engine_dir")                                  # CPUExecutionProvider
+    engine = cqil.load("engine_dir", providers=["CPUExecutionProvider"])
+
+Options: `providers` (ONNX Runtime execution providers, default CPU). Thread pools: each session
+gets the intra-op threads the Engine assigns its segment; with several ranks in one process, idle
+pool threads do not spin (spinning pools steal the cores the other ranks compute on).
+"""
 
 from __future__ import annotations
 
-from cqil.errors import CqilError
+import numpy as np
+
+from cqil.errors import CqilError, first_line
+from cqil.runtime.collectives import LocalCollectives
+from cqil.runtime.kv_cache import ConcatCache
+
+OPTIONS = frozenset({"providers"})
 
 
-class Segment:
+class OrtSegment:
     def __init__(self, session, inputs: list[str], outputs: list[str], weight_bytes: int):
         self.session, self.inputs, self.outputs, self.weight_bytes = session, inputs, outputs, weight_bytes
 
@@ -13,12 +27,9 @@ class Segment:
         env.update(zip(self.outputs, self.session.run(self.outputs, {n: env[n] for n in self.inputs})))
 
 
-def open_segment(engine, rank: int, rec: dict, threads: int = 1, providers=None, spin: bool = True) -> Segment:
-    """`spin`: let idle intra-op threads spin (fast for one rank; with several ranks in one
-    process, spinning pools steal the cores the other ranks are computing on)."""
+def open_session(path, rec: dict, threads: int, spin: bool, providers=None) -> OrtSegment:
     import onnxruntime as ort
 
-    path = engine.dir / rec["files"][0]
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
@@ -28,10 +39,35 @@ def open_segment(engine, rank: int, rec: dict, threads: int = 1, providers=None,
     try:
         session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:
-        raise CqilError(f"engine: cannot load {rec['files'][0]}: {str(e).splitlines()[0]}") from None
+        raise CqilError(f"engine: cannot load {rec['files'][0]}: {first_line(e)}") from None
     want_in, want_out = [t["name"] for t in rec["inputs"]], [t["name"] for t in rec["outputs"]]
     got_in, got_out = [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()]
     if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
         unknown = sorted(set(got_in + got_out) - set(want_in + want_out)) or sorted(set(want_in + want_out) - set(got_in + got_out))
         raise CqilError(f"engine: {rec['files'][0]} does not match the manifest: unknown tensor name(s) {unknown}")
-    return Segment(session, want_in, want_out, rec.get("weight_bytes", 0))
+    return OrtSegment(session, want_in, want_out, rec.get("weight_bytes", 0))
+
+
+class OrtRank:
+    def __init__(self, spec, rank: int, threads, ranks_in_process: int, providers=None):
+        self.rank = rank
+        self.kv_layers = spec.kv_layers(rank)
+        cfg = spec.config
+        self._kv_shape, self._dtype = (cfg.num_kv_heads, 0, cfg.head_dim), spec.float_dtype
+        spin = ranks_in_process == 1
+        self.segments = {rec["name"]: open_session(spec.dir / rec["files"][0], rec, threads(rec), spin, providers)
+                         for rec in spec.segments(rank)}
+
+    def new_cache(self, batch: int) -> ConcatCache:
+        return ConcatCache(self.kv_layers, np.zeros((batch, *self._kv_shape), self._dtype))
+
+    def close(self):
+        self.segments = {}  # sessions are freed with their last reference
+
+
+def open_rank(spec, rank: int, threads, ranks_in_process: int, providers=None) -> OrtRank:
+    return OrtRank(spec, rank, threads, ranks_in_process, providers)
+
+
+def local_collectives(runners, timeout):
+    return LocalCollectives(len(runners), timeout=timeout)

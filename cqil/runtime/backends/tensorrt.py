@@ -1,16 +1,18 @@
-"""The TensorRT backend: one deserialized plan and execution context per segment.
+"""The TensorRT backend: one deserialized engine and execution context per segment.
 
     engine = cqil.load("engine_dir", backend="tensorrt", devices=["cuda:0", "cuda:1"])
 
+Options: `devices` (as the torch backend's, CUDA only).
+
 Needs an engine compiled with `--backend tensorrt` on the same TensorRT release and GPU
-architecture (`check_plan_compatibility` refuses others before anything is deserialized). Values
-are torch CUDA tensors, handled exactly as in the torch backend (`Rank`: per-rank device and
+architecture (`check_engine_compatibility` refuses others before anything is deserialized). Values
+are torch CUDA tensors, handled as in the torch backend (`DeviceRank`: per-rank device and
 stream, numpy inputs converted once, logits returned as numpy, `DeviceCollectives` between ranks).
 Each call sets the input shapes and addresses, allocates the outputs at the shapes TensorRT infers
 (`get_tensor_shape`) and enqueues `execute_async_v3` on the rank's stream; nothing synchronises
 the host. The KV cache is the ONNX form (`present` = past ++ new, a fresh tensor per step).
 
-Not here: CUDA graphs around plans, one activation buffer shared by a rank's contexts (each
+Not here: CUDA graphs around engines, one activation buffer shared by a rank's contexts (each
 context owns its own), multiple optimization profiles.
 """
 
@@ -21,9 +23,11 @@ from pathlib import Path
 import torch
 
 from cqil.errors import CqilError
-from cqil.exporters.tensorrt import check_plan_compatibility, require_tensorrt
-from cqil.runtime.backends.torch_backend import Rank, parse_devices, rank_state
+from cqil.exporters.tensorrt import check_engine_compatibility, require_tensorrt
+from cqil.runtime.backends.torch_backend import DeviceRank, parse_devices
+from cqil.runtime.kv_cache import ConcatCache
 
+OPTIONS = frozenset({"devices"})
 _RUNTIME = {}  # one trt.Runtime per process; it must outlive the engines it deserialized
 
 
@@ -37,20 +41,20 @@ def torch_dtype(trt, dtype) -> torch.dtype:
 
 
 class TrtSegment:
-    def __init__(self, rank: Rank, trt, plan, rec: dict, path: Path):
-        self.rank, self.plan = rank, plan
-        self.context = plan.create_execution_context()
+    def __init__(self, rank: DeviceRank, trt, trt_engine, rec: dict, path: Path):
+        self.rank, self.trt_engine = rank, trt_engine
+        self.context = trt_engine.create_execution_context()
         if self.context is None:
             raise CqilError(f"engine: cannot create an execution context for {path.name} (out of GPU memory?)")
         self.inputs = [t["name"] for t in rec["inputs"]]
         self.outputs = [t["name"] for t in rec["outputs"]]
-        io = [plan.get_tensor_name(i) for i in range(plan.num_io_tensors)]
-        ins = [n for n in io if plan.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outs = [n for n in io if plan.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        io = [trt_engine.get_tensor_name(i) for i in range(trt_engine.num_io_tensors)]
+        ins = [n for n in io if trt_engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outs = [n for n in io if trt_engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if sorted(ins) != sorted(self.inputs) or sorted(outs) != sorted(self.outputs):
             raise CqilError(f"engine: {path.name} has inputs {ins} / outputs {outs}, the manifest says "
                             f"{self.inputs} / {self.outputs}")
-        self.dtypes = {n: torch_dtype(trt, plan.get_tensor_dtype(n)) for n in io}
+        self.dtypes = {n: torch_dtype(trt, trt_engine.get_tensor_dtype(n)) for n in io}
         self.weight_bytes = rec.get("weight_bytes", 0)
         self._empty = torch.empty(256, dtype=torch.uint8, device=rank.device)  # address for 0-size tensors
 
@@ -66,7 +70,7 @@ class TrtSegment:
                 feeds.append(t)
                 if tuple(ctx.get_tensor_shape(name)) != tuple(t.shape) and not ctx.set_input_shape(name, tuple(t.shape)):
                     raise CqilError(f"engine: rank {r.rank}: {name} of shape {tuple(t.shape)} is outside the "
-                                    f"plan's optimization profile (recompile with a larger --max-batch / --max-seq-len)")
+                                    f"engine's optimization profile (recompile with a larger --max-batch / --max-seq-len)")
                 ctx.set_tensor_address(name, self._address(t))
             results = {}
             for name in self.outputs:
@@ -82,25 +86,52 @@ class TrtSegment:
                 env[name] = r.publish(name, value)
 
 
-def open_segment(engine, rank: int, rec: dict, devices=None, threads=None, providers=None, spin=True) -> TrtSegment:
-    trt = require_tensorrt()
-    if not torch.cuda.is_available():
-        raise CqilError("engine: the tensorrt backend needs a CUDA GPU, and torch sees none")
-    device = parse_devices(devices or "cuda", engine.ranks)[rank]
-    if device.type != "cuda":
-        raise CqilError(f"engine: the tensorrt backend runs on CUDA devices, rank {rank} was given {device}")
-    check_plan_compatibility(engine.manifest.get("tensorrt"), trt.__version__, torch.cuda.get_device_capability(device))
-    if "plan" not in rec:
-        raise CqilError(f"engine: rank{rank}/{rec['name']} has no TensorRT plan; recompile with --backend tensorrt")
-    from cqil.compiler.loader import parse_dtype
+class TrtRank(DeviceRank):
+    def __init__(self, spec, rank: int, device: torch.device, trt):
+        from cqil.model.loader import parse_dtype
 
-    state = rank_state(engine, rank, device, parse_dtype(engine.manifest["dtype"]), decode="eager")
+        super().__init__(rank, device, parse_dtype(spec.dtype))
+        self.kv_layers = spec.kv_layers(rank)
+        self._kv_shape = (spec.config.num_kv_heads, 0, spec.config.head_dim)
+        self.segments = {}
+        with torch.cuda.device(device):
+            for rec in spec.segments(rank):
+                if "tensorrt_engine" not in rec:
+                    raise CqilError(f"engine: rank{rank}/{rec['name']} has no TensorRT engine; "
+                                    f"recompile with --backend tensorrt")
+                path = spec.dir / rec["tensorrt_engine"]
+                trt_engine = _runtime(trt).deserialize_cuda_engine(path.read_bytes())
+                if trt_engine is None:
+                    raise CqilError(f"engine: TensorRT cannot deserialize {rec['tensorrt_engine']} (see its log)")
+                self.segments[rec["name"]] = TrtSegment(self, trt, trt_engine, rec, path)
+
+    def new_cache(self, batch: int) -> ConcatCache:
+        return ConcatCache(self.kv_layers, torch.zeros((batch, *self._kv_shape), dtype=self.dtype, device=self.device))
+
+    def close(self):
+        self.segments = {}
+
+
+def _runtime(trt):
     if "runtime" not in _RUNTIME:
         _RUNTIME["logger"] = trt.Logger(trt.Logger.WARNING)
         _RUNTIME["runtime"] = trt.Runtime(_RUNTIME["logger"])
-    path = engine.dir / rec["plan"]
-    with torch.cuda.device(device):
-        plan = _RUNTIME["runtime"].deserialize_cuda_engine(path.read_bytes())
-        if plan is None:
-            raise CqilError(f"engine: TensorRT cannot deserialize {rec['plan']} (see its log)")
-        return TrtSegment(state, trt, plan, rec, path)
+    return _RUNTIME["runtime"]
+
+
+def open_rank(spec, rank: int, threads, ranks_in_process: int, devices=None) -> TrtRank:
+    trt = require_tensorrt()
+    if not torch.cuda.is_available():
+        raise CqilError("engine: the tensorrt backend needs a CUDA GPU, and torch sees none")
+    device = parse_devices(devices or "cuda", spec.ranks)[rank]
+    if device.type != "cuda":
+        raise CqilError(f"engine: the tensorrt backend runs on CUDA devices, rank {rank} was given {device}")
+    check_engine_compatibility(spec.manifest.get("tensorrt"), trt.__version__, torch.cuda.get_device_capability(device))
+    return TrtRank(spec, rank, device, trt)
+
+
+def local_collectives(runners, timeout):
+    from cqil.runtime.backends.device_collectives import DeviceCollectives
+
+    ranks = list(runners.values())
+    return DeviceCollectives([r.device for r in ranks], [r.stream for r in ranks], timeout)

@@ -1,4 +1,6 @@
-"""cqil-check's core: run an engine and the PyTorch reference of its plan on the same inputs.
+"""`cqil-check`: run an engine and the PyTorch reference of its plan on the same inputs.
+
+    cqil-check ENGINE --model MODEL_DIR [--atol 1e-4] [--steps 32] [--json]
 
     report = check_engine(cqil.load("engine_dir"), "model_dir", atol=1e-4, steps=32)
     report["passed"]       # logits and presents within tolerance, greedy tokens identical
@@ -7,24 +9,30 @@ The reference is the checkpoint loaded in the engine's dtype and turned into the
 of the manifest's plan (`build_graph`), so a difference means the export or the runtime changed
 the computation, not the plan. Both are compared with polygraphy's `Comparator` over `RunResults`
 built from the two runs: the prefill (logits and every layer's present key/value), then each decode
-step, teacher-forced on the reference's greedy tokens so the inputs stay identical. Separately,
-`Engine.generate` must produce the same greedy tokens as the reference's own KV-cache loop.
+step, teacher-forced on the reference's greedy tokens so the inputs stay identical (the engine's
+steps through a Generator). Separately, `Engine.generate` must produce the same greedy tokens as the
+reference's own KV-cache loop. Exit 0 when the engine matches, 1 when it does not, 2 on bad input.
 
 Not here: comparing against `transformers` (the reference's equality with it is tested elsewhere).
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cqil.compiler.config import ModelConfig
-from cqil.compiler.loader import load_model
-from cqil.compiler.pipeline import build_graph
+from cqil.cli_util import ArgumentParser, run_main
 from cqil.errors import CqilError
+from cqil.model.config import ModelConfig
+from cqil.model.loader import load_model
+from cqil.passes import build_graph
 from cqil.plan import Plan
+from cqil.program import cache_entries, present_name
 
 # ModelConfig fields that do not change the computation (token ids, the checkpoint's storage dtype)
 _NOT_COMPUTATION = {"torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id", "extra"}
@@ -46,17 +54,8 @@ def load_reference(engine, model_dir, adapter=None):
     if adapter is not None and not recorded:
         raise CqilError("check: --adapter given, but the engine was compiled without an adapter")
     plan = Plan.from_dict(manifest["plan"])
-    dtype = manifest["dtype"]
-    if adapter is not None:  # as cqil.compile does: merge in float32, then cast
-        from cqil.quality.adapter import merge_adapter
-
-        model = load_model(model_dir, dtype="float32", max_seq_len=engine.max_seq_len, cfg=cfg)
-        model = merge_adapter(model, adapter, plan)
-        if dtype != "float32":
-            model = model.to(getattr(torch, dtype))
-            model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.float()
-    else:
-        model = load_model(model_dir, dtype=dtype, max_seq_len=engine.max_seq_len, cfg=cfg)
+    model = load_model(model_dir, dtype=manifest["dtype"], max_seq_len=engine.max_seq_len, cfg=cfg,
+                       adapter=adapter, plan=plan)
     return model, build_graph(model, plan)
 
 
@@ -72,8 +71,8 @@ def reference_greedy(model, gm, ids: np.ndarray, steps: int):
     with torch.no_grad():
         logits, past = gm(x, torch.ones(B, T, dtype=torch.long), torch.arange(T).expand(B, T), model.empty_cache(B))
         prefill = logits.float().numpy()
-        presents = {f"present.{l}.{kind}": past[2 * l + j].float().numpy()
-                    for l in range(cfg.num_layers) for j, kind in enumerate(("key", "value"))}
+        presents = {present_name(layer, kind): past[j].float().numpy()
+                    for j, (layer, kind) in enumerate(cache_entries(range(cfg.num_layers)))}
         tokens, decode = [], []
         for i in range(steps):
             token = logits[:, -1].argmax(-1)  # [B]
@@ -88,21 +87,21 @@ def reference_greedy(model, gm, ids: np.ndarray, steps: int):
 
 def engine_forced(engine, ids: np.ndarray, tokens: np.ndarray):
     """The engine's prefill and decode steps, fed `tokens` [B, steps] (as reference_greedy returns them)."""
-    B, T = ids.shape
-    mask = np.ones((B, T), np.int64)
-    positions = engine.positions(mask)
-    cache = engine.new_cache(B)
-    prefill = engine.forward(ids, mask, positions, cache).astype(np.float32)
+    prefill = engine.logits(ids)
+    gen = engine.generator(ids)
     presents = {}
-    for r in engine.ranks:
-        for name, value in cache[r].items():
-            presents.setdefault("present." + name.removeprefix("past_key_values."), value.astype(np.float32))
+    for cache in gen.cache.values():
+        for name, value in cache.arrays().items():
+            presents.setdefault(name, _numpy(value))
     decode = []
     for i in range(tokens.shape[1] - 1):
-        mask = np.concatenate([mask, np.ones((B, 1), np.int64)], axis=1)
-        positions = positions[:, -1:] + 1
-        decode.append(engine.forward(tokens[:, i:i + 1], mask, positions, cache).astype(np.float32))
+        gen.append_tokens(tokens[:, i:i + 1])
+        decode.append(gen.logits[:, None].astype(np.float32))
     return prefill, presents, decode
+
+
+def _numpy(value) -> np.ndarray:
+    return value.float().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value, np.float32)
 
 
 def compare(engine_iters: list[dict], reference_iters: list[dict], atol: float, rtol: float) -> dict:
@@ -169,3 +168,58 @@ def check_engine(engine, model_dir, atol: float = 1e-4, rtol: float = 0.0, steps
         "engine_tokens": generated.tolist(),
         "reference_tokens": ref_tokens.tolist(),
     }
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+def check_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="cqil-check",
+        description="Compare an engine with the PyTorch reference of its plan (same checkpoint, same inputs). "
+                    "Exit 0: within tolerance and the same greedy tokens; 1: not; 2: bad input.")
+    parser.add_argument("engine", help="engine directory (cqil-compile -o)")
+    parser.add_argument("--model", required=True, help="the checkpoint folder the engine was compiled from")
+    parser.add_argument("--adapter", help="the LoRA adapter folder merged at compile time, if any")
+    parser.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default 1e-4)")
+    parser.add_argument("--rtol", type=float, default=0.0,
+                        help="relative tolerance; an element passes within atol or within rtol (default 0: atol only)")
+    parser.add_argument("--steps", type=int, default=32, help="greedy decode steps to compare (default 32)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size of the random inputs (default 2)")
+    parser.add_argument("--prompt-len", type=int, default=8, help="random prompt length (default 8)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--threads", type=int, help="engine intra-op threads in all (default: all cores)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the engine files")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'output':<24} {'max abs':>10} {'max rel':>10}  (atol {report['atol']:g}, rtol {report['rtol']:g}, "
+             f"{report['dtype']}, batch {report['batch']}, prompt {report['prompt_len']}, {report['steps']} steps)"]
+    for name, o in report["outputs"].items():
+        lines.append(f"{name:<24} {o['max_abs']:>10.3e} {o['max_rel']:>10.3e}  {'ok' if o['passed'] else 'FAIL'}")
+    if report["tokens_agree"]:
+        lines.append(f"greedy tokens: identical for {report['steps']} steps")
+    else:
+        lines.append(f"greedy tokens: differ from step {report['first_token_mismatch']}")
+    lines.append("PASSED" if report["passed"] else "FAILED")
+    return "\n".join(lines)
+
+
+def check_cli(argv=None) -> int:
+    from cqil.runtime.engine import load
+
+    args = check_parser().parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise CqilError(f"--threads must be >= 1, got {args.threads}")
+    if not Path(args.model).is_dir():
+        raise CqilError(f"--model {args.model} is not a directory")
+    with load(args.engine, threads=args.threads, verify=not args.no_verify) as engine:
+        report = check_engine(engine, args.model, atol=args.atol, rtol=args.rtol, steps=args.steps,
+                              batch=args.batch, prompt_len=args.prompt_len, seed=args.seed, adapter=args.adapter)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0 if report["passed"] else 1
+
+
+def check_entry():
+    sys.exit(run_main("cqil-check", check_cli))

@@ -1,4 +1,4 @@
-"""Small random-weight checkpoints, made with transformers' own classes and `save_pretrained`.
+"""Test and demo support: small random-weight checkpoints, made with transformers' own classes and `save_pretrained`.
 
 Used by the tests, the benchmarks and the README's main job: nothing can be downloaded here, so the
 project makes the checkpoints it compiles. Each preset exercises one family of config options.
@@ -44,7 +44,7 @@ def hf_config(preset: str = "llama", **overrides):
     return cls(**kw)
 
 
-def make_checkpoint(out_dir: str | Path, preset: str = "llama", seed: int = 0, dtype: str = "float32",
+def random_checkpoint(out_dir: str | Path, preset: str = "llama", seed: int = 0, dtype: str = "float32",
                     init_std: float | None = None, **overrides) -> Path:
     """Write a random-weight checkpoint of `preset` to `out_dir` and return the folder.
 

@@ -15,15 +15,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cqil.compiler.config import ModelConfig
-from cqil.compiler.model import CausalLM, RotaryEmbedding, rope_inv_freq
-from cqil.errors import CqilError
+from cqil.errors import CqilError, first_line
+from cqil.model.config import ModelConfig
+from cqil.model.model import CausalLM, RotaryEmbedding, rope_inv_freq
 
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+EMBED, LM_HEAD = "model.embed_tokens.weight", "lm_head.weight"
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def stored_name(name: str, tied: bool) -> str:
+    """The name a parameter is stored (and read) under: a tied lm_head is the embedding, as in HF checkpoints."""
+    return EMBED if tied and name == LM_HEAD else name
 
 
 def parse_dtype(name) -> torch.dtype:
@@ -68,7 +74,7 @@ class Checkpoint:
                 else:
                     self._open[file] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:  # corrupt or truncated files raise many different types
-                raise CqilError(f"model: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                raise CqilError(f"model: cannot read {path}: {first_line(e)}") from None
         return self._open[file]
 
     def _names_in(self, file: str) -> list[str]:
@@ -98,7 +104,7 @@ class Checkpoint:
         try:
             return f.get_tensor(name) if hasattr(f, "get_tensor") else f[name]
         except Exception as e:
-            raise CqilError(f"model: cannot read tensor {name} from {self.dir / file}: {e}")
+            raise CqilError(f"model: cannot read tensor {name} from {self.dir / file}: {first_line(e)}") from None
 
 
 def layer_of(name: str) -> int | None:
@@ -130,7 +136,7 @@ class Weights:
         self._check()
 
     def _source(self, name: str) -> str:
-        return "model.embed_tokens.weight" if self.tied and name == "lm_head.weight" else name
+        return stored_name(name, self.tied)
 
     def _check(self):
         """Names and shapes, from metadata only (no tensor is read)."""
@@ -174,15 +180,29 @@ def param_names(module: nn.Module, layers=None) -> list[str]:
 
 
 def load_model(model_dir: str | Path, dtype="float32", layers=None, max_seq_len: int | None = None,
-               cfg: ModelConfig | None = None) -> CausalLM:
+               cfg: ModelConfig | None = None, adapter: str | Path | None = None, plan=None,
+               allow_plan_mismatch: bool = False) -> CausalLM:
     """Load a checkpoint folder. `layers`: decoder layers to load (default all); others stay on meta.
 
-    Embedding, final norm and lm_head are always loaded.
+    Embedding, final norm and lm_head are always loaded. With `adapter` (a cqil-finetune LoRA
+    folder) the weights are loaded in float32, the adapter is checked against `plan` (see
+    `cqil.model.adapter`) and merged, and the result is cast to `dtype`; rope frequencies stay fp32.
     """
     cfg = cfg or ModelConfig.from_dir(model_dir)
     cfg.check_sequence_length(max_seq_len or cfg.max_position_embeddings)
-    model = build_meta_model(cfg, max_seq_len, dtype)
-    Weights(model_dir, model, dtype).materialize(param_names(model, layers))
+    dtype = parse_dtype(dtype)
+    if adapter is not None and plan is None:
+        raise CqilError("model: merging an adapter needs the plan it is used with")
+    load_dtype = torch.float32 if adapter is not None else dtype  # LoRA merges in float32
+    model = build_meta_model(cfg, max_seq_len, load_dtype)
+    Weights(model_dir, model, load_dtype).materialize(param_names(model, layers))
+    if adapter is not None:
+        from cqil.model.adapter import merge_adapter
+
+        model = merge_adapter(model, adapter, plan, allow_plan_mismatch=allow_plan_mismatch)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+            model.rotary_emb.inv_freq = model.rotary_emb.inv_freq.float()
     model.eval()
     return model
 

@@ -1,4 +1,4 @@
-"""LoRA adapters for a CQIL plan: configuration, the plan an adapter was trained for, merging.
+"""LoRA adapters for a CQIL plan: the plan an adapter was trained for, checks, merging.
 
 An adapter folder is a standard peft adapter (adapter_config.json + adapter_model.safetensors) plus
 `cqil_plan.json`, the `Plan.to_dict()` it was trained under. Parameter names are the HF ones
@@ -7,7 +7,8 @@ adapters onto `transformers.LlamaForCausalLM`, and `merge_adapter` loads the aut
 adapters once their plan is confirmed.
 
 LoRA repairs the error of one particular grouping of layers: an adapter trained for S12 E30 p=2
-does not fit p=4, so merging checks the plan first.
+does not fit p=4, so merging checks the plan first. Training adapters is `cqil.quality`'s business;
+merging one is part of loading a model (`cqil.model.loader.load_model(..., adapter=...)`).
 """
 
 from __future__ import annotations
@@ -17,38 +18,10 @@ from pathlib import Path
 
 from torch import nn
 
-from cqil.errors import CqilError
+from cqil.errors import CqilError, first_line
 from cqil.plan import Plan
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PLAN_FILE = "cqil_plan.json"
-
-
-def linear_module_names(model: nn.Module) -> set[str]:
-    """Short names (`q_proj`, `lm_head`, ...) of the model's nn.Linear modules: what --targets may name."""
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
-def lora_config(model: nn.Module, rank: int = 32, alpha: float = 32, targets=DEFAULT_TARGETS):
-    """A peft LoraConfig after checking every target names a Linear of `model`.
-
-    peft itself only fails when *no* target matches, so a misspelt `--targets q_proj,gate_prj`
-    would silently train fewer modules; here it is an error. Dropout is 0: the adapters are tiny
-    next to the data, and it keeps the teacher/student comparison deterministic.
-    """
-    import peft
-
-    targets = [t.strip() for t in targets if t.strip()]
-    if not targets:
-        raise CqilError("lora: --targets names no module")
-    known = linear_module_names(model)
-    unknown = [t for t in targets if t not in known]
-    if unknown:
-        raise CqilError(f"lora: the model has no Linear module named {', '.join(unknown)}; "
-                        f"--targets may name {', '.join(sorted(known))}")
-    if rank < 1:
-        raise CqilError(f"lora: --rank must be >= 1, got {rank}")
-    return peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
 
 
 def same_computation(a: Plan, b: Plan) -> bool:
@@ -118,6 +91,5 @@ def merge_adapter(model: nn.Module, adapter_dir: str | Path, plan: Plan, allow_p
     try:
         wrapped = peft.PeftModel.from_pretrained(model, str(folder))
     except Exception as e:  # wrong shapes, unknown target modules, broken files
-        raise CqilError(f"adapter: cannot load {folder} onto this model: "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        raise CqilError(f"adapter: cannot load {folder} onto this model: {first_line(e)}") from None
     return wrapped.merge_and_unload()

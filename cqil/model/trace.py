@@ -24,7 +24,7 @@ import re
 import torch.fx as fx
 from torch import nn
 
-from cqil.compiler.model import MLP, Attention, CausalLM, RMSNorm, RotaryEmbedding
+from cqil.model.model import MLP, Attention, CausalLM, RMSNorm, RotaryEmbedding
 
 LEAVES = (Attention, MLP, RMSNorm, RotaryEmbedding)
 _LAYER_PATH = re.compile(r"^model\.layers\.(\d+)$")

@@ -2,7 +2,7 @@
 
 The forward is written for torch.fx: the KV cache is plain tensors in and out, the attention mask
 is a 2-D padding mask plus the causal rule, and `Attention`, `MLP`, `RMSNorm` and `RotaryEmbedding`
-are the leaf modules (see `cqil.compiler.trace`). Numerics follow transformers' eager LLaMA
+are the leaf modules (see `cqil.model.trace`). Numerics follow transformers' eager LLaMA
 (fp32 RMSNorm, fp32 softmax) so that logits match it to ~1e-6 in fp32.
 
 Calling convention of `CausalLM.forward`::
@@ -21,12 +21,13 @@ fixed at build time, which equals transformers for sequences up to max_position_
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cqil.compiler.config import ModelConfig
+from cqil.model.config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig, max_seq_len: int | None = None) -> torch.Tensor:
@@ -89,8 +90,20 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+class KVCache(Protocol):
+    """Where one layer's keys and values live, when not in the past/present tensors themselves."""
+
+    def update(self, past_key, past_value, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's rotated k, v [B, kvh, T, hd]; return the keys/values to attend over."""
+
+
 class Attention(nn.Module):
-    """Self-attention with an explicit KV cache: returns (output, present_key, present_value)."""
+    """Self-attention with an explicit KV cache: returns (output, present_key, present_value).
+
+    By default the cache is the tensors themselves: present = past ++ new (what the ONNX export
+    sees). A runtime may give the module a `kv_cache` object instead (e.g. preallocated buffers
+    written in place); it is a plain attribute, invisible to tracing and to the state dict.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -99,10 +112,14 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=cfg.o_bias)
+        self.kv_cache: KVCache | None = None
 
     def forward(self, x, cos, sin, mask, past_key, past_value):
         q, k, v = self.project(x, cos, sin)
-        key, value = self.append_kv(past_key, past_value, k, v)
+        if self.kv_cache is None:
+            key, value = torch.cat((past_key, k), dim=2), torch.cat((past_value, v), dim=2)  # [B, kvh, P+T, hd]
+        else:
+            key, value = self.kv_cache.update(past_key, past_value, k, v)
         return self.attend(q, key, value, mask), key, value
 
     def project(self, x, cos, sin):
@@ -113,10 +130,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.to(x.dtype).unsqueeze(1), sin.to(x.dtype).unsqueeze(1)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
-
-    def append_kv(self, past_key, past_value, k, v):
-        """The cache after this step: plain tensors in, plain tensors out ([B, kvh, P+T, hd])."""
-        return torch.cat((past_key, k), dim=2), torch.cat((past_value, v), dim=2)
 
     def attend(self, q, key, value, mask):
         B, T = q.shape[0], q.shape[2]

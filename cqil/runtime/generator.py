@@ -1,0 +1,190 @@
+"""Decode state of one batch: the one decode loop of cqil.
+
+    gen = engine.generator([[1, 2, 3], [4, 5]], max_new_tokens=16, eos_token_id=2)
+    while not gen.done:
+        token = gen.next_tokens()          # int64 [B]: chosen from gen.logits, fed on the next call
+    gen.tokens                              # per row: prompt + new tokens (up to its eos), no padding
+    gen.append_tokens([[7, 8]])             # continue the conversation: no new prefill
+    gen.rewind(3)                           # forget the last 3 positions
+
+The batch shares one sequence axis. Ragged prompts (and ragged appends) are left-padded with
+attention-mask zeros; position ids count real tokens only (`cumsum(mask) - 1`), so a row's
+padding never shifts its positions. A chosen token is fed to the model lazily, by the next
+`next_tokens()` or `append_tokens()`, so the last token of a generation costs no forward. Once a
+row emits an eos id it is finished: it keeps receiving `pad_token_id`, fed with mask 0, so its
+history stays prompt + generated + eos. `append_tokens` starts a new turn: every row is unfinished
+again and `max_new_tokens` counts anew.
+
+A Generator owns its KV cache (one per rank), so any number of them may live on one engine; the
+engine serialises their steps (see `Engine`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from cqil.errors import CqilError
+from cqil.runtime.sampling import check_sampling, sample
+
+
+def left_pad(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids (list of lists, ragged allowed, one flat list, or int array [B, T]) -> left-padded
+    int64 ids and mask [B, T]; ids outside [0, vocab_size) are refused."""
+    if isinstance(input_ids, np.ndarray) or hasattr(input_ids, "numpy"):
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise CqilError(f"input_ids must be integers of shape [batch, sequence], got {ids.dtype} {ids.shape}")
+        ids = ids.astype(np.int64)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        if mask.shape != ids.shape:
+            raise CqilError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+    else:
+        rows = list(input_ids)
+        if rows and all(isinstance(x, (int, np.integer)) for x in rows):
+            rows = [rows]  # a single sequence given flat
+        try:
+            rows = [list(r) for r in rows]
+        except TypeError:
+            raise CqilError("input_ids must be a list of token-id lists, or one flat list of ids") from None
+        if not rows or any(len(r) == 0 for r in rows):
+            raise CqilError("input_ids must hold at least one non-empty sequence")
+        width = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width), np.int64)
+        mask = np.zeros((len(rows), width), np.int64)
+        for i, r in enumerate(rows):
+            try:
+                ids[i, width - len(r):] = np.asarray(r, dtype=np.int64)
+            except (TypeError, ValueError):
+                raise CqilError(f"input_ids row {i} is not a list of integers") from None
+            mask[i, width - len(r):] = 1
+    if ids.size == 0:
+        raise CqilError("input_ids is empty")
+    bad = ids[(mask == 1) & ((ids < 0) | (ids >= vocab_size))]
+    if bad.size:
+        raise CqilError(f"input ids outside the vocabulary [0, {vocab_size}): {sorted(set(bad.tolist()))[:5]}")
+    return ids, mask
+
+
+def positions_of(mask: np.ndarray) -> np.ndarray:
+    """Position ids [B, S] of a mask: real tokens count 0, 1, 2, ...; padding repeats its neighbour."""
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+
+
+class Generator:
+    def __init__(self, engine, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
+                 eos_token_id=None, pad_token_id: int | None = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
+        check_sampling(temperature, top_k, top_p)
+        self.engine = engine
+        ids, mask = engine.prepare(input_ids, attention_mask)
+        if max_new_tokens is not None:
+            if max_new_tokens < 1:
+                raise CqilError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            if ids.shape[1] + max_new_tokens > engine.max_seq_len:
+                raise CqilError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the engine's "
+                                f"max_seq_len {engine.max_seq_len}")
+        self.max_new_tokens = max_new_tokens
+        self.eos = sorted(set(np.atleast_1d(eos_token_id).tolist())) if eos_token_id is not None else []
+        self.pad = pad_token_id if pad_token_id is not None else (min(self.eos) if self.eos else 0)
+        self.sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+        self.rng = np.random.default_rng(seed)
+        self.batch = ids.shape[0]
+        self.cache = engine.new_cache(self.batch)
+        self._ids = np.zeros((self.batch, 0), np.int64)  # every fed position, padding included
+        self._mask = np.zeros((self.batch, 0), np.int64)
+        self._pending: np.ndarray | None = None  # chosen tokens [B] not yet fed, and their mask
+        self._pending_mask: np.ndarray | None = None
+        self.finished = np.zeros(self.batch, bool)
+        self.new_tokens = 0
+        self.logits: np.ndarray | None = None  # [B, V] after the last fed position; None on ranks != 0
+        self._feed(ids, mask)
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def length(self) -> int:
+        """Positions in the sequence, padding and a chosen-but-not-fed token included."""
+        return self._mask.shape[1] + (self._pending is not None)
+
+    @property
+    def done(self) -> bool:
+        if self.finished.all():
+            return True
+        if self.max_new_tokens is not None and self.new_tokens >= self.max_new_tokens:
+            return True
+        return self.length >= self.engine.max_seq_len
+
+    @property
+    def tokens(self) -> list[list[int]]:
+        """Per row: every real token so far (prompt, appended and generated), padding removed."""
+        rows = [self._ids[b, self._mask[b] == 1].tolist() for b in range(self.batch)]
+        if self._pending is not None:
+            for b in range(self.batch):
+                if self._pending_mask[b]:
+                    rows[b].append(int(self._pending[b]))
+        return rows
+
+    # -- steps --------------------------------------------------------------------------------
+
+    def _feed(self, ids: np.ndarray, mask: np.ndarray):
+        """Run the model on new positions ids/mask [B, n]; logits become those after the last one."""
+        if self._mask.shape[1] + ids.shape[1] > self.engine.max_seq_len:
+            raise CqilError(f"the sequence would reach {self._mask.shape[1] + ids.shape[1]} positions, more than the "
+                            f"engine's max_seq_len {self.engine.max_seq_len}")
+        full = np.concatenate([self._mask, mask], axis=1)
+        positions = positions_of(full)[:, -ids.shape[1]:]
+        logits = self.engine.forward(ids, full, positions, self.cache)
+        self._ids = np.concatenate([self._ids, ids], axis=1)
+        self._mask = full
+        self.logits = None if logits is None else logits[:, -1]
+
+    def _flush(self):
+        """Feed the chosen tokens, if any, to the model."""
+        if self._pending is not None:
+            pending, mask = self._pending, self._pending_mask
+            self._pending = self._pending_mask = None
+            self._feed(pending[:, None], mask[:, None])
+
+    def next_tokens(self) -> np.ndarray:
+        """Choose the next token of every row (int64 [B]); finished rows get the pad id."""
+        if self.done:
+            raise CqilError("the generator is done: append tokens to continue")
+        self._flush()
+        if self.logits is None and self.engine.has_logits:
+            raise CqilError("no logits to choose from after a rewind: append tokens first")
+        # rank 0 chooses; with ranks in other processes, the collectives carry its choice to them
+        chosen = sample(self.logits, rng=self.rng, **self.sampling) if self.logits is not None else None
+        token = np.where(self.finished, self.pad, self.engine.collectives.share_tokens(chosen, self.batch))
+        self._pending, self._pending_mask = token, (~self.finished).astype(np.int64)
+        if self.eos:
+            self.finished |= np.isin(token, self.eos)
+        self.new_tokens += 1
+        return token
+
+    def append_tokens(self, input_ids, attention_mask=None):
+        """Feed more tokens to every row (a new user turn); ragged rows are left-padded within the chunk."""
+        ids, mask = left_pad(input_ids, attention_mask, self.engine.config.vocab_size)
+        if ids.shape[0] != self.batch:
+            raise CqilError(f"append_tokens: got {ids.shape[0]} row(s), the generator has {self.batch}")
+        if self._pending is not None:
+            ids = np.concatenate([self._pending[:, None], ids], axis=1)
+            mask = np.concatenate([self._pending_mask[:, None], mask], axis=1)
+            self._pending = self._pending_mask = None
+        self._feed(ids, mask)
+        self.finished[:] = False
+        self.new_tokens = 0
+
+    def rewind(self, n: int):
+        """Forget the last `n` positions (a chosen token counts as one); append tokens before choosing again."""
+        if not 0 <= n <= self.length:
+            raise CqilError(f"rewind: n must be in [0, {self.length}], got {n}")
+        if n and self._pending is not None:
+            self._pending = self._pending_mask = None
+            n -= 1
+        if n:
+            self._ids, self._mask = self._ids[:, :-n], self._mask[:, :-n]
+            for cache in self.cache.values():
+                cache.rewind(n)
+            self.logits = None
