@@ -342,14 +342,15 @@ def test_bad_data(model_dir, tmp_path, capsys, kind, message, main):
     content = {"empty": b"  \n", "binary": b"PK\x03\x04\x00\x00weights", "latin1": "café".encode("latin-1")}
     if kind != "missing":
         path.write_bytes(content[kind])
-    argv = [model_dir, "--data", path] + (["--p", 2, "-o", tmp_path / "out"] if main is cli.finetune_main else [])
+    argv = [model_dir, "--data", path] + (["--p", 2, "--start", 1, "--end", 5, "-o", tmp_path / "out"]
+                                          if main is cli.finetune_main else [])
     rc, _, err = cli_run(main, argv, capsys)
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and message in err and "error: data:" in err
 
 
 def test_wrong_target_module(model_dir, data_file, tmp_path, capsys):
-    rc, _, err = cli_run(cli.finetune_main, [model_dir, "--p", 2, "--data", data_file, "-o", tmp_path / "a",
+    rc, _, err = cli_run(cli.finetune_main, [model_dir, "--p", 2, "--start", 1, "--end", 5, "--data", data_file, "-o", tmp_path / "a",
                                              "--targets", "q_proj,qproj"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1
     assert "no Linear module named qproj" in err and "q_proj" in err
