@@ -24,7 +24,7 @@ from cqil.errors import CqilError
 from cqil.plan import Plan
 from cqil.quality import cli
 from cqil.model.adapter import PLAN_FILE, merge_adapter, same_computation
-from cqil.quality.finetune import Settings, distillation_loss, finetune, next_token_loss
+from cqil.quality.train import Settings, distillation_loss, finetune, next_token_loss
 from cqil.quality.perplexity import Window, perplexity, sliding_windows
 from cqil.quality.similarity import Similarity, suggest_range
 from cqil.testing import random_checkpoint

@@ -26,7 +26,7 @@ from cqil.model.loader import load_model
 from cqil.plan import Plan
 from cqil.model.tokenizer import load_tokenizer
 from cqil.quality.data import read_text, tokenize
-from cqil.quality.finetune import Settings, finetune
+from cqil.quality.train import Settings, finetune
 from cqil.quality.perplexity import perplexity
 from cqil.quality.plot import plot_similarity
 from cqil.quality.similarity import DEFAULT_THRESHOLD, measure, suggest_range

@@ -1,232 +1,148 @@
-"""LoRA fine-tuning of the CQIL GraphModule, the way the authors recover quality.
+"""`cqil-finetune`: train a LoRA adapter that recovers what a CQIL plan loses.
 
-The student is the CQIL GraphModule wrapped by peft; it shares the model's Attention/MLP modules,
-so peft's LoRA layers are what both the student graph and the plain model call. The teacher is the
-plain model (no CQIL pass) with the adapter disabled: the original network. Loss, per token,
-averaged over the batch:
+    cqil-finetune MODEL --p P [plan flags] --data FILE -o ADAPTER_DIR [--steps --lr --schedule --warmup
+                  --batch --grad-accum --precision --device --grad-checkpoint --eval-data --eval-every ...]
+    cqil-finetune ... --launcher torchrun --nproc-per-node N          # N data-parallel processes here
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m cqil.quality.finetune -- MODEL [the same flags]
 
-    kd (default):  KL(teacher || student) = sum_v p_t(v) (log p_t(v) - log p_s(v))
-    --no-kd:       next-token cross-entropy on the data
-
-Batches are random windows of the token stream drawn from a generator seeded by (seed, step), so a
-resumed run sees exactly the batches the uninterrupted one would have. Out folder layout::
-
-    ADAPTER_DIR/adapter_config.json, adapter_model.safetensors, cqil_plan.json   final adapter
-    ADAPTER_DIR/checkpoint/   same files + optimizer.pt + trainer_state.json         latest checkpoint
-
-Every folder is written next to its place and renamed in; in the final adapter `cqil_plan.json`
-is removed first and moved in last, so a folder holding it is a complete adapter.
-
-Not covered: gradient accumulation, learning-rate schedules, mixed precision, several devices.
+Every process parses the same flags; torchrun's environment tells each one its rank (see
+`cqil.quality.ddp`). The "--" keeps torchrun's own parser off the flags that follow (our --start is
+a prefix of its --start-method). The training itself is `cqil.quality.train.finetune`.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
-import shutil
-from dataclasses import asdict, dataclass
-from pathlib import Path
+import sys
 
-import torch
-import torch.nn.functional as F
-
+from cqil.cli_util import ArgumentParser, add_plan_flags, plan_from_args, run_main
 from cqil.errors import CqilError
-from cqil.model.adapter import PLAN_FILE, write_plan
-from cqil.model.model import CausalLM
-from cqil.passes import build_graph
-from cqil.plan import Plan
-from cqil.quality.data import check_vocab
-from cqil.quality.lora import DEFAULT_TARGETS, lora_config
-
-CHECKPOINT = "checkpoint"
-STATE_FILE = "trainer_state.json"
-MAX_GRAD_NORM = 1.0  # as HF Trainer's default, which the authors' scripts ran under
+from cqil.model.config import ModelConfig
+from cqil.quality.options import PRECISION_CHOICES, add_data_flags, add_device_flag, read_tokens, seq_len_of
 
 
-@dataclass(frozen=True)
-class Settings:
-    steps: int = 200
-    lr: float = 1e-4
-    rank: int = 32
-    alpha: float = 32
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    seq_len: int = 256
-    batch: int = 4
-    kd: bool = True
-    save_every: int = 50  # 0: no periodic checkpoints
-    seed: int = 0
+def finetune_parser() -> argparse.ArgumentParser:
+    from cqil.quality.lora import DEFAULT_TARGETS
+    from cqil.quality.train import SCHEDULES, Settings
 
-    def must_match_on_resume(self) -> dict:
-        """Everything but steps and save_every: changing them mid-run would be a different run."""
-        d = asdict(self)
-        d.pop("steps"), d.pop("save_every")
-        d["targets"] = list(d["targets"])
-        return d
-
-
-def batch_at(stream: torch.Tensor, step: int, settings: Settings) -> torch.Tensor:
-    """The step's batch: `batch` random windows of seq_len + 1 tokens  [B, seq_len + 1]."""
-    g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-    starts = torch.randint(0, len(stream) - settings.seq_len, (settings.batch,), generator=g)
-    return torch.stack([stream[s:s + settings.seq_len + 1] for s in starts.tolist()])
-
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token, summed over the vocabulary, averaged over tokens."""
-    s = F.log_softmax(student_logits.float().flatten(0, -2), dim=-1)  # [N, V]
-    t = F.log_softmax(teacher_logits.float().flatten(0, -2), dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten())
-
-
-def _forward(fn, ids: torch.Tensor, model: CausalLM) -> torch.Tensor:
-    B, T = ids.shape
-    return fn(ids, torch.ones_like(ids), torch.arange(T).expand(B, T), model.empty_cache(B))[0]  # [B, T, V]
-
-
-def finetune(model: CausalLM, plan: Plan, stream: torch.Tensor, settings: Settings, out_dir: str | Path,
-             resume: bool = False, progress: bool = True, base_model_name: str | None = None) -> dict:
-    """Train a LoRA adapter for `plan` on `stream` (1-D token ids); write it to `out_dir`.
-
-    Returns {"steps", "start_step", "losses": [loss per step run here], "out"}. peft wraps the
-    target Linear layers of `model` in place: load the model afresh to use it without the adapter.
-    """
-    import peft
-
-    out = Path(out_dir)
-    _check_inputs(model, plan, stream, settings, out, resume)
-    state = _read_checkpoint_state(out, plan, settings) if resume else None
-
-    config = lora_config(model, settings.rank, settings.alpha, settings.targets)
-    with torch.random.fork_rng():  # LoRA's A matrices start random: seed them, leave the caller's RNG alone
-        torch.manual_seed(settings.seed)
-        student = peft.get_peft_model(build_graph(model, plan), config)
-    student.peft_config["default"].base_model_name_or_path = base_model_name
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=0.0)
-    start_step = 0
-    if state is not None:
-        start_step = _load_checkpoint(student, optimizer, state["folder"])
-
-    losses = []
-    bar = _progress(start_step, settings.steps, progress)
-    for step in range(start_step, settings.steps):
-        batch = batch_at(stream, step, settings)
-        inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, T]
-        logits = _forward(student, inputs, model)
-        if settings.kd:
-            with torch.no_grad(), student.disable_adapter():
-                teacher = _forward(model, inputs, model)  # the plain model: no CQIL, no LoRA
-            loss = distillation_loss(logits, teacher)
-        else:
-            loss = next_token_loss(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-        optimizer.step()
-        losses.append(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        done = step + 1
-        if settings.save_every and done % settings.save_every == 0 and done < settings.steps:
-            _save_checkpoint(student, optimizer, plan, settings, done, out)
-    bar.close()
-    if settings.save_every:
-        _save_checkpoint(student, optimizer, plan, settings, settings.steps, out)
-    _write_final(student, plan, out)
-    return {"steps": settings.steps, "start_step": start_step, "losses": losses, "out": str(out)}
+    d = Settings()
+    parser = ArgumentParser(
+        prog="cqil-finetune",
+        description="Train a LoRA adapter that recovers the quality CQIL loses (self-distillation by default).")
+    parser.add_argument("model", help="local HuggingFace checkpoint folder (with its tokenizer, for text data)")
+    add_plan_flags(parser, p_required=True)
+    add_data_flags(parser, f"tokens per training window (default {d.seq_len})")
+    parser.add_argument("-o", "--output", required=True, help="adapter folder to write")
+    parser.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default {d.steps})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr})")
+    parser.add_argument("--schedule", choices=list(SCHEDULES), default=d.schedule,
+                        help=f"learning rate after the warmup (default {d.schedule})")
+    parser.add_argument("--warmup", type=int, default=d.warmup, help="steps of linear warmup (default 0)")
+    parser.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                        help=f"clip the gradient norm to this, 0 = never (default {d.max_grad_norm:g})")
+    parser.add_argument("--rank", type=int, default=d.rank, help=f"LoRA rank r (default {d.rank})")
+    parser.add_argument("--alpha", type=float, default=d.alpha, help=f"LoRA alpha (default {d.alpha:g})")
+    parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                        help="comma-separated Linear module names to adapt (default: all seven projections)")
+    parser.add_argument("--batch", type=int, default=d.batch,
+                        help=f"windows per micro-batch and process (default {d.batch})")
+    parser.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                        help="micro-batches per optimizer step (default 1)")
+    parser.add_argument("--kd", action=argparse.BooleanOptionalAction, default=True,
+                        help="self-distillation from the original model (default); --no-kd: next-token loss")
+    parser.add_argument("--precision", choices=PRECISION_CHOICES, default=d.precision,
+                        help="fp32, or autocast with the frozen weights in bf16/fp16 (default fp32)")
+    parser.add_argument("--teacher-fp32", action="store_true",
+                        help="with bf16/fp16: run the teacher in fp32 (the frozen weights stay fp32)")
+    add_device_flag(parser)
+    parser.add_argument("--grad-checkpoint", action="store_true",
+                        help="recompute attention and MLP activations in the backward pass (less memory)")
+    parser.add_argument("--eval-data", help="held-out data (any --data format), scored every --eval-every steps")
+    parser.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations, 0 = never")
+    parser.add_argument("--save-every", type=int, default=d.save_every,
+                        help=f"checkpoint every N steps into OUTPUT/checkpoint, 0 = never (default {d.save_every})")
+    parser.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the batch sampling and LoRA init")
+    parser.add_argument("--launcher", choices=("none", "torchrun"), default="none",
+                        help="torchrun: start --nproc-per-node data-parallel processes on this machine")
+    parser.add_argument("--nproc-per-node", type=int, default=None,
+                        help="processes for --launcher torchrun (default: the CUDA devices with --device cuda)")
+    return parser
 
 
-def _check_inputs(model, plan, stream, settings, out: Path, resume: bool):
-    if plan.num_layers != model.config.num_layers:
-        raise CqilError(f"finetune: the plan is for {plan.num_layers} layers, the model has {model.config.num_layers}")
-    if settings.steps < 1 or settings.batch < 1 or settings.seq_len < 2:
-        raise CqilError(f"finetune: --steps, --batch must be >= 1 and --seq-len >= 2 "
-                        f"(got {settings.steps}, {settings.batch}, {settings.seq_len})")
-    if settings.lr <= 0:
-        raise CqilError(f"finetune: --lr must be > 0, got {settings.lr}")
-    if len(stream) < settings.seq_len + 1:
-        raise CqilError(f"finetune: the data gives {len(stream)} tokens; --seq-len {settings.seq_len} needs "
-                        f"at least {settings.seq_len + 1}: use more text or a smaller --seq-len")
-    check_vocab(stream, model.config.vocab_size)
-    if out.exists() and not out.is_dir():
-        raise CqilError(f"finetune: {out} exists and is not a directory")
-    if not resume and out.is_dir() and any(out.iterdir()):
-        raise CqilError(f"finetune: {out} is not empty; continue its run with --resume or choose another -o")
+def finetune_main(argv=None, env=os.environ) -> int:
+    from cqil.model.loader import build_meta_model, load_model
+    from cqil.quality.ddp import Workers
+    from cqil.quality.lora import lora_config
+    from cqil.quality.targets import torch_device
+    from cqil.quality.train import Settings, finetune
+
+    args = finetune_parser().parse_args(argv)
+    cfg = ModelConfig.from_dir(args.model)
+    plan, source = plan_from_args(cfg, args)
+    settings = Settings(steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
+                        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                        seq_len=seq_len_of(args.seq_len, Settings().seq_len, cfg.max_position_embeddings),
+                        batch=args.batch, grad_accum=args.grad_accum, kd=args.kd, precision=args.precision,
+                        teacher_fp32=args.teacher_fp32, schedule=args.schedule, warmup=args.warmup,
+                        max_grad_norm=args.max_grad_norm, save_every=max(args.save_every, 0),
+                        eval_every=args.eval_every, seed=args.seed, device=args.device,
+                        grad_checkpoint=args.grad_checkpoint)
+    lora_config(build_meta_model(cfg), settings.rank, settings.alpha, settings.targets)  # check --targets early
+    if args.eval_every and not args.eval_data:
+        raise CqilError("--eval-every needs held-out data: --eval-data FILE")
+    torch_device(args.device)  # no CUDA here: one line now, not one per process
+    if args.launcher == "torchrun":
+        return _torchrun_finetune(args, argv)
+    workers = Workers.from_env(env)
+    stream = read_tokens(args.data, args, args.model, cfg.vocab_size)
+    eval_ids = read_tokens(args.eval_data, args, args.model, cfg.vocab_size) if args.eval_data else None
+    model = load_model(args.model, dtype=settings.base_dtype, max_seq_len=settings.seq_len, cfg=cfg)
+    if workers.is_main:
+        per_step = settings.batch * settings.grad_accum * workers.world_size * settings.seq_len
+        print(f"cqil-finetune: {plan} ({source}); {len(stream)} tokens, {per_step} per step "
+              f"({workers.world_size} process(es)); {'self-distillation' if settings.kd else 'next-token'} loss, "
+              f"{settings.precision} on {settings.device}", file=sys.stderr)
+    result = finetune(model, plan, stream, settings, args.output, resume=args.resume, base_model_name=args.model,
+                      eval_ids=eval_ids, workers=workers)
+    losses = result["losses"]
+    trend = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps left to run"
+    if workers.is_main:
+        print(f"wrote adapter {args.output} for {plan}: steps {result['start_step']}..{result['steps']}, {trend}")
+    return 0
 
 
-def _progress(start: int, total: int, enabled: bool):
-    from tqdm import tqdm
+def _torchrun_finetune(args, argv) -> int:
+    """The same flags, but for --launcher, to `torchrun -m cqil.quality.finetune` on this machine."""
+    import subprocess
 
-    return tqdm(total=total, initial=start, desc="finetune", unit="step", disable=not enabled)
+    import torch
 
-
-def _read_checkpoint_state(out: Path, plan: Plan, settings: Settings) -> dict:
-    """The checkpoint to resume from; refuses one made for another plan or other settings."""
-    folder = next((f for f in (out / CHECKPOINT, out / f".{CHECKPOINT}.old") if (f / STATE_FILE).is_file()), None)
-    if folder is None:
-        raise CqilError(f"finetune: nothing to resume in {out} (no {CHECKPOINT}/{STATE_FILE}); "
-                        f"start without --resume")
-    try:
-        state = json.loads((folder / STATE_FILE).read_text())
-        trained_plan = Plan.from_dict(state["plan"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CqilError(f"finetune: {folder / STATE_FILE} is not a valid trainer state ({e})")
-    if trained_plan != plan:
-        raise CqilError(f"finetune: the checkpoint in {out} was trained for {trained_plan}, not {plan}")
-    wanted = settings.must_match_on_resume()
-    changed = {k: (state["settings"].get(k), v) for k, v in wanted.items() if state["settings"].get(k) != v}
-    if changed:
-        diffs = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
-        raise CqilError(f"finetune: cannot resume with other settings than the checkpoint's ({diffs})")
-    if state["step"] > settings.steps:
-        raise CqilError(f"finetune: the checkpoint is at step {state['step']}, beyond --steps {settings.steps}")
-    return {**state, "folder": folder}
+    n = args.nproc_per_node
+    if n is None:
+        n = torch.cuda.device_count() if args.device.startswith("cuda") else 0
+        if n < 1:
+            raise CqilError("--launcher torchrun: say how many processes with --nproc-per-node")
+    if n < 1:
+        raise CqilError(f"--nproc-per-node must be >= 1, got {n}")
+    rest = list(sys.argv[1:] if argv is None else argv)
+    for flag in ("--launcher=torchrun", "--launcher"):
+        if flag in rest:
+            i = rest.index(flag)
+            del rest[i:i + (2 if flag == "--launcher" else 1)]
+    # `python -m torch.distributed.run` is torchrun run by this interpreter; --standalone picks a free
+    # local rendezvous port; "--" keeps torchrun's own parser off our flags
+    return subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+                            "-m", "cqil.quality.finetune", "--", *rest])
 
 
-def _load_checkpoint(student, optimizer, folder: Path) -> int:
-    import peft
-    from safetensors.torch import load_file
-
-    peft.set_peft_model_state_dict(student, load_file(str(folder / "adapter_model.safetensors")))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    return json.loads((folder / STATE_FILE).read_text())["step"]
+def entry():
+    rank = os.environ.get("RANK")
+    sys.exit(run_main("cqil-finetune" + (f"[rank {rank}]" if rank else ""), finetune_main))
 
 
-def _write_adapter(student, plan: Plan, folder: Path):
-    # "auto" would ask model.config.__class__.from_pretrained (an HF-config method) whether the
-    # vocabulary was resized; ours never is, as embeddings are not LoRA targets.
-    student.save_pretrained(str(folder), save_embedding_layers=False)
-    write_plan(folder, plan)
-
-
-def _save_checkpoint(student, optimizer, plan: Plan, settings: Settings, step: int, out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    tmp, final, old = out / f".{CHECKPOINT}.tmp", out / CHECKPOINT, out / f".{CHECKPOINT}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write_adapter(student, plan, tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    state = {"step": step, "plan": plan.to_dict(), "settings": {**asdict(settings), "targets": list(settings.targets)}}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)  # resume falls back to .old if we stop between these two renames
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_final(student, plan: Plan, out: Path):
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _write_adapter(student, plan, tmp)
-    (out / PLAN_FILE).unlink(missing_ok=True)  # the folder is not a finished adapter until it returns
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == PLAN_FILE):
-        os.replace(f, out / f.name)
-    tmp.rmdir()
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m cqil.quality.finetune -- MODEL [flags]
+    if sys.argv[1:2] == ["--"]:
+        del sys.argv[1]
+    entry()

@@ -73,7 +73,7 @@ def perplexity(logits_fn: LogitsFn, ids: torch.Tensor, seq_len: int, stride: int
                 raise CqilError(f"perplexity: the model returned logits of shape {tuple(logits.shape)} "
                                 f"for input {tuple(window.shape)}")
             predicting = logits[0, w.first_scored - 1 - w.begin: w.end - 1 - w.begin].float()  # [n, V]
-            targets = ids[w.first_scored:w.end]  # [n]
+            targets = ids[w.first_scored:w.end].to(predicting.device)  # [n]
             nll_sum += F.cross_entropy(predicting, targets, reduction="sum").item()
             scored += len(targets)
     if scored == 0:

@@ -67,16 +67,17 @@ def measure(model: CausalLM, ids: torch.Tensor, seq_len: int, max_offset: int = 
     handles = [layer.register_forward_pre_hook(record(i)) for i, layer in enumerate(model.model.layers)]
     sums = torch.zeros(max_offset, L, dtype=torch.float64)
     tokens = 0
+    device = model.lm_head.weight.device
     try:
         with torch.no_grad():
             for begin in range(0, len(ids), seq_len):
-                window = ids[begin:begin + seq_len][None]  # [1, W]
+                window = ids[begin:begin + seq_len][None].to(device)  # [1, W]
                 W = window.shape[1]
-                model(window, torch.ones_like(window), torch.arange(W)[None], model.empty_cache(1))
+                model(window, torch.ones_like(window), torch.arange(W, device=device)[None], model.empty_cache(1))
                 for j in range(1, max_offset + 1):
                     for layer in range(j, L):
                         cos = F.cosine_similarity(inputs[layer], inputs[layer - j], dim=-1)  # [W]
-                        sums[j - 1, layer] += cos.clamp(-1.0, 1.0).double().sum()
+                        sums[j - 1, layer] += cos.clamp(-1.0, 1.0).double().sum().cpu()
                 tokens += W
     finally:
         for h in handles:
