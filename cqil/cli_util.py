@@ -1,14 +1,20 @@
 """What every cqil command line shares: one-line errors, exit codes, the plan flags.
 
-Exit codes: 0 success, 1 a check that ran and failed (cqil-check), 2 bad input (`CqilError`,
-argparse), 130 interrupted. Set CQIL_DEBUG=1 to see the traceback of an unexpected error.
+Exit codes: 0 success, 1 a check that ran and failed (cqil-check) or a rank process that died,
+2 bad input (`CqilError`, argparse), 128 + N stopped by signal N: 130 SIGINT (Ctrl-C), 129 SIGHUP,
+143 SIGTERM. SIGHUP and SIGTERM are handled like Ctrl-C: they raise in the main thread, so every
+`finally` and `except BaseException` cleanup runs (temporary folders removed, child processes
+stopped). Set CQIL_DEBUG=1 to see the traceback of an unexpected error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from cqil.errors import CqilError, first_line
@@ -22,23 +28,54 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class Stopped(BaseException):
+    """A SIGTERM or SIGHUP, raised where the main thread is, like KeyboardInterrupt for SIGINT."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_raise():
+    """Within: SIGTERM and SIGHUP raise `Stopped` in the main thread (outside it: nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
 def run_main(prog: str, main, argv=None) -> int:
     try:
-        return main(argv) or 0
+        with stop_signals_raise():
+            return main(argv) or 0
     except CqilError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Stopped as e:
+        print(f"{prog}: stopped by {e}", file=sys.stderr)
+        return 128 + e.signum
     except BrokenPipeError:  # output piped into `head` and the like: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as e:  # an unexpected failure is still reported on one line
         if os.environ.get("CQIL_DEBUG"):
             traceback.print_exc()
-        print(f"{prog}: internal error: {type(e).__name__}: {first_line(e)} (set CQIL_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        notes = "".join(f" {n}" for n in getattr(e, "__notes__", ()))
+        print(f"{prog}: internal error: {type(e).__name__}: {first_line(e)}{notes} (set CQIL_DEBUG=1 for the "
+              f"traceback)", file=sys.stderr)
         return 1
 
 

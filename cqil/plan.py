@@ -203,6 +203,21 @@ class Plan:
                 f"depth {self.num_layers}->{self.depth}{', outer replicated' if self.replicate_outer else ''})")
 
 
+def check_parallel(plan: Plan):
+    """Refuse a plan with p > 1 that runs nothing in parallel (no group in its range), with a way out."""
+    if plan.p == 1 or plan.groups:
+        return
+    L, p = plan.num_layers, plan.p
+    best = next((q for q in range(min(p, L), 1, -1) if Plan.default(L, q).groups), None)
+    largest = f"the largest p the default range takes is {best}" if best else "no p > 1 fits the default range"
+    if p > L:
+        raise CqilError(f"plan: p={p} is larger than the model's {L} layers, so no group fits; {largest}")
+    end = L - 2 if p <= L - 2 else L
+    raise CqilError(f"plan: the range [{plan.start}, {plan.end}) holds no group of {p} layers, so nothing would run "
+                    f"in parallel; give a range that does (e.g. --start {end - p} --end {end}), or a smaller p "
+                    f"({largest})")
+
+
 def resolve_plan(num_layers: int, p: int | None = None, start: int | None = None, end: int | None = None,
                  bypass: int | None = None, semantics: str | None = None, replicate_outer: bool = False,
                  authors: dict | None = None) -> tuple[Plan, str]:
@@ -210,7 +225,8 @@ def resolve_plan(num_layers: int, p: int | None = None, start: int | None = None
 
     `authors` holds the checkpoint config's `cqil_layers` / `d` keys when it has them; without
     --start/--end they give the plan. `semantics` defaults to "once", except for a plan read from
-    `cqil_layers`: the authors' released adapters were trained with "reference".
+    `cqil_layers`: the authors' released adapters were trained with "reference". A plan with p > 1
+    must hold a group (`check_parallel`).
     """
     authors = authors or {}
     if start is None and end is None and "cqil_layers" in authors:
@@ -226,9 +242,12 @@ def resolve_plan(num_layers: int, p: int | None = None, start: int | None = None
         raise CqilError("plan: give --p (the number of layers per group / ranks)")
     bypass = bypass or 0
     if start is None and end is None:
-        return Plan.default(num_layers, p, bypass=bypass, **common), "default range"
-    default = Plan.default(num_layers, p)
-    end = default.end if end is None else end
-    if start is None:
-        start = end - (end - min(default.start, end)) // p * p
-    return Plan(num_layers, p, start, end, bypass=bypass, **common), "flags"
+        plan, source = Plan.default(num_layers, p, bypass=bypass, **common), "default range"
+    else:
+        default = Plan.default(num_layers, p)
+        end = default.end if end is None else end
+        if start is None:
+            start = end - (end - min(default.start, end)) // p * p
+        plan, source = Plan(num_layers, p, start, end, bypass=bypass, **common), "flags"
+    check_parallel(plan)
+    return plan, source

@@ -184,7 +184,7 @@ def test_rank_that_exits_is_named(engines):
     args = ["--input-ids", "1,2,3", "--max-new-tokens", "8", "--json", "--timeout", "30"]
     r0, r1 = launch_direct(engines["d1"], 2, args, CQIL_TEST_DIE_RANK="1", CQIL_TEST_DIE_AFTER_STEPS="2")
     assert r1["rc"] == 1 and "exit after 2 token(s)" in r1["err"]
-    assert r0["rc"] == 2 and r0["out"] == ""
+    assert r0["rc"] == 1 and r0["out"] == ""  # a victim of another rank's failure, not bad input
     assert "cqil-launch[rank 0]: error: rank 0:" in r0["err"] and "rank 1 stopped" in r0["err"]
     assert r0["t"] - r1["t"] < 30  # a broken connection is noticed at once, not at the timeout
 
@@ -197,7 +197,7 @@ def test_hung_rank_is_named_among_three(engines):
                           CQIL_TEST_DIE_HOW="hang", grace=4)
     assert "hang after 2 token(s)" in ranks[2]["err"] and ranks[2]["rc"] < 0  # killed by launch_direct
     for r in (0, 1):
-        assert ranks[r]["rc"] == 2, ranks[r]["err"][-2000:]
+        assert ranks[r]["rc"] == 1, ranks[r]["err"][-2000:]
         assert f"rank {r}:" in ranks[r]["err"] and "rank(s) 2 hang before this collective" in ranks[r]["err"]
         assert ranks[r]["t"] < ranks[2]["t"]  # ended by --timeout, not killed by the test
 

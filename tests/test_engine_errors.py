@@ -224,9 +224,16 @@ def test_output_folder_not_empty(tiny_checkpoint, tmp_path, capsys):
     assert_one_line_error(*cli("cqil-compile", compile_cli, argv, capsys)[::2], "not empty", "--force")
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
-    code, _, err = cli("cqil-compile", compile_cli, argv + ["--force"], capsys)
+    # --force replaces engines and empty folders only: a folder of user files stays as it is
+    assert_one_line_error(*cli("cqil-compile", compile_cli, argv + ["--force"], capsys)[::2],
+                          "not a cqil engine", "notes.txt")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and siblings(out) == []
+
+    (out / "notes.txt").unlink()
+    code, _, err = cli("cqil-compile", compile_cli, argv, capsys)  # an empty folder needs no --force
     assert code == 0, err
-    assert not (out / "notes.txt").exists()
+    code, _, err = cli("cqil-compile", compile_cli, argv + ["--force"], capsys)  # an engine: replaced
+    assert code == 0, err
     assert (out / "manifest.json").is_file()
     assert siblings(out) == []
     with open_engine(out) as engine:

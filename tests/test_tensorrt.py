@@ -99,7 +99,7 @@ def test_require_tensorrt_missing(no_tensorrt):
 def test_compile_cli_without_tensorrt(no_tensorrt, tiny_checkpoint, tmp_path, capsys):
     out, model = tmp_path / "engine", tiny_checkpoint("llama")
     capsys.readouterr()
-    rc = run_main("cqil-compile", compile_main, [str(model), "--p", "2", "-o", str(out),
+    rc = run_main("cqil-compile", compile_main, [str(model), "--p", "2", "--start", "1", "--end", "5", "-o", str(out),
                                                  "--backend", "tensorrt", "--no-progress"])
     err = capsys.readouterr().err.strip()
     assert rc == 2

@@ -111,6 +111,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = ModelConfig.from_dir(args.model)
     plan, source = plan_from_args(cfg, args)
+    if args.max_seq_len is not None and args.max_seq_len < 1:
+        raise CqilError(f"--max-seq-len must be a positive integer, got {args.max_seq_len}")
     if not args.dry_run:
         if not args.output:
             raise CqilError("give -o ENGINE_DIR (or --dry-run to only print the plan)")
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
                       max_segment_bytes=int(args.max_segment_mb * 2**20) or None,
                       log=lambda msg: print(msg, file=sys.stderr))
         return 0
-    cfg.check_sequence_length(args.max_seq_len or cfg.max_position_embeddings)
+    cfg.check_sequence_length(cfg.max_position_embeddings if args.max_seq_len is None else args.max_seq_len)
     t0 = time.perf_counter()
     gm = build_graph(build_meta_model(cfg), plan)  # checks the plan against the real graph, no weights
     d = describe(cfg, plan, source)

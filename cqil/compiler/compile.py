@@ -1,32 +1,25 @@
 """`cqil.compile`: checkpoint folder -> engine directory, written atomically.
 
-The engine directory is built in a temporary sibling folder (`cqil.compiler.pipeline`) and renamed
-into place at the end, so an interrupted or failed compile leaves the destination untouched.
+The engine directory is built in a temporary sibling folder (`cqil.compiler.pipeline`) and put in
+place in one step at the end (`cqil.compiler.destination`), so an interrupted or failed compile
+leaves the destination as it was.
 """
 
 from __future__ import annotations
 
-import os
+import errno
 import resource
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
+from cqil.compiler.destination import Destination
 from cqil.compiler.pipeline import CompileOptions, write_engine
 from cqil.errors import CqilError
 from cqil.exporters.manifest import write_manifest
 from cqil.model.config import ModelConfig
 from cqil.model.loader import Checkpoint
 from cqil.passes.partition import MAX_SEGMENT_BYTES
-from cqil.plan import Plan, resolve_plan
-
-
-def check_destination(out_dir: Path, force: bool):
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CqilError(f"output {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise CqilError(f"output {out_dir} exists and is not empty; pass --force to replace it")
+from cqil.plan import Plan, check_parallel, resolve_plan
 
 
 def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = None, end: int | None = None,
@@ -44,8 +37,8 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
     """
     t0 = time.perf_counter()
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    check_destination(out_dir, force)
     cfg = ModelConfig.from_dir(model_dir)
+    dest = Destination(out_dir, model_dir, force)
     options = CompileOptions(dtype=dtype, max_seq_len=cfg.max_position_embeddings if max_seq_len is None else max_seq_len,
                              formats=formats, max_segment_bytes=max_segment_bytes, adapter=adapter,
                              allow_plan_mismatch=allow_plan_mismatch, max_batch=max_batch)
@@ -56,45 +49,31 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
     if plan is None:
         plan, plan_source = resolve_plan(cfg.num_layers, p=p, start=start, end=end, bypass=bypass,
                                          semantics=semantics, replicate_outer=replicate_outer, authors=cfg.extra)
-    log(f"plan ({plan_source}): {plan}")
     if plan.num_layers != cfg.num_layers:
         raise CqilError(f"plan: it is for {plan.num_layers} layers, {model_dir} has {cfg.num_layers}")
-    if plan.p > 1 and not plan.groups:
-        log(f"warning: the range [{plan.start}, {plan.end}) holds no group; the model runs unchanged on rank 0")
+    check_parallel(plan)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the engine should be like any other folder
+    tmp = dest.begin()
     try:
         manifest = write_engine(model_dir, cfg, plan, options, tmp, progress=progress, log=log)
         write_manifest(tmp, manifest)
-        _replace(tmp, out_dir)
+        dest.commit(tmp)
+    except OSError as e:  # a full disk, a folder made read-only meanwhile, ...
+        dest.abort(tmp)
+        where = e.filename or tmp
+        if e.errno == errno.ENOSPC:
+            raise CqilError(f"no space left on the device holding {out_dir} (writing {where}); nothing was "
+                            f"replaced: free space or choose another -o") from None
+        raise CqilError(f"cannot write the engine {out_dir}: {e.strerror or e} ({where}); nothing was replaced") from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        dest.abort(tmp)
         raise
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's high-water mark (KiB on Linux)
     checkpoint = Checkpoint(model_dir).file_bytes()
     engine = sum(r["bytes"] for r in manifest["files"].values())
     n_segments = sum(len(r["segments"]) for r in manifest["ranks"])
+    log(f"plan ({plan_source}): {plan}")
     log(f"wrote {out_dir}: {n_segments} segments on {plan.p} rank(s) in {time.perf_counter() - t0:.1f} s; "
         f"peak RSS {peak / 2**20:.0f} MiB = {peak / checkpoint:.2f} x the checkpoint ({checkpoint / 2**20:.0f} MiB); "
         f"engine {engine / 2**20:.0f} MiB")
     return out_dir
-
-
-def _replace(tmp: Path, out_dir: Path):
-    """Move the finished engine into place; an existing folder is swapped out, then removed."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        out_dir.rename(old)
-    try:
-        tmp.rename(out_dir)
-    except BaseException:  # interrupted between the two renames: put the previous engine back
-        if old is not None and not out_dir.exists():
-            old.rename(out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

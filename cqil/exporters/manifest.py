@@ -30,6 +30,7 @@ import json
 from pathlib import Path
 
 from cqil.errors import CqilError
+from cqil.exporters.schema import check_manifest
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -60,7 +61,7 @@ def write_manifest(root: Path, manifest: dict):
 
 
 def read_manifest(engine_dir: str | Path, verify: bool = True) -> dict:
-    """Parse and check an engine directory's manifest.
+    """Parse and check an engine directory's manifest (`cqil.exporters.schema`).
 
     verify=True also checks that every listed file exists with the recorded size and sha256.
     """
@@ -75,43 +76,15 @@ def read_manifest(engine_dir: str | Path, verify: bool = True) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CqilError(f"engine: {path} is not valid JSON ({e})")
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise CqilError(f"engine: {path} has no integer format_version")
     if version > FORMAT_VERSION:
         raise CqilError(f"engine: {root} has format_version {version}, newer than this cqil reads "
                         f"({FORMAT_VERSION}); upgrade cqil or recompile the engine")
-    check_structure(manifest, path)
+    check_manifest(manifest, path)
     if verify:
         verify_files(root, manifest)
     return manifest
-
-
-def check_structure(manifest: dict, path: Path):
-    """The keys and types readers rely on, so that a hand-edited manifest fails here, by name."""
-    def need(obj, key, kind, where):
-        if not isinstance(obj, dict) or key not in obj:
-            raise CqilError(f"engine: {path} lacks {where}{key}")
-        if not isinstance(obj[key], kind) or (kind is int and isinstance(obj[key], bool)):
-            raise CqilError(f"engine: {path}: {where}{key} must be a {getattr(kind, '__name__', kind)}")
-        return obj[key]
-
-    for key, kind in (("model", dict), ("plan", dict), ("ranks", list), ("files", dict), ("dtype", str),
-                      ("max_seq_len", int)):
-        need(manifest, key, kind, "")
-    for i, rank in enumerate(manifest["ranks"]):
-        where = f"ranks[{i}]."
-        for key, kind in (("rank", int), ("kv_layers", list), ("program", list), ("segments", list)):
-            need(rank, key, kind, where)
-        for j, seg in enumerate(rank["segments"]):
-            for key, kind in (("name", str), ("files", list), ("inputs", list), ("outputs", list)):
-                need(seg, key, kind, f"{where}segments[{j}].")
-            if not seg["files"]:
-                raise CqilError(f"engine: {path}: {where}segments[{j}] names no file")
-        for j, step in enumerate(rank["program"]):
-            need(step, "kind", str, f"{where}program[{j}].")
-    for rel, rec in manifest["files"].items():
-        need(rec, "sha256", str, f"files[{rel!r}].")
-        need(rec, "bytes", int, f"files[{rel!r}].")
 
 
 def verify_files(root: Path, manifest: dict):

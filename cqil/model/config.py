@@ -8,13 +8,34 @@ read: transformers 5 (`rope_parameters` holding `rope_theta`) and older files (`
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from cqil.errors import CqilError
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                  "head_dim", "max_position_embeddings")
+_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads"}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _positive_int(value, name: str) -> int:
+    """A JSON integer >= 1: "twelve", 12.7, true and -5 are refused, not converted."""
+    if not _is_int(value) or value < 1:
+        raise CqilError(f"model: {_HF_NAMES.get(name, name)} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise CqilError(f"model: {name} must be a number, got {value!r}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,22 @@ class ModelConfig:
     sliding_window: int | None = None  # only recorded when it could be in effect
     extra: dict = field(default_factory=dict)  # authors' CQIL keys, if any (cqil_layers, d)
 
+    def __post_init__(self):
+        for name in _POSITIVE_INTS:
+            _positive_int(getattr(self, name), name)
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise CqilError(f"model: {name} must be a positive number, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise CqilError(f"model: num_attention_heads={self.num_heads} is not a multiple of "
+                            f"num_key_value_heads={self.num_kv_heads}")
+        for name in ("bos_token_id", "pad_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            if not all(i is None or (_is_int(i) and i >= 0) for i in ids):
+                raise CqilError(f"model: {name} must be a token id (or a list of them), got {value!r}")
+
     @property
     def rope_type(self) -> str:
         return self.rope_scaling.get("rope_type", "default")
@@ -51,6 +88,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """From `to_dict`'s output (an engine manifest's "model"): every field, nothing else."""
+        if not isinstance(d, dict):
+            raise CqilError(f"model: expected an object of config fields, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        unknown, missing = sorted(set(d) - known), sorted(required - set(d))
+        if unknown:
+            raise CqilError(f"model: unknown config field(s) {', '.join(unknown)}")
+        if missing:
+            raise CqilError(f"model: config field(s) {', '.join(missing)} missing")
         return cls(**d)
 
     @classmethod
@@ -85,25 +132,28 @@ class ModelConfig:
         if act != "silu":
             raise CqilError(f"model: hidden_act={act!r} is not supported (only 'silu')")
 
-        def need(key):
-            if key not in raw:
-                raise CqilError(f"model: config.json lacks {key!r}")
-            return raw[key]
+        def need(key, default=MISSING):
+            if key not in raw or raw[key] is None:
+                if default is MISSING:
+                    raise CqilError(f"model: config.json lacks {key!r}")
+                return default
+            return _positive_int(raw[key], key)
 
-        hidden = int(need("hidden_size"))
-        heads = int(need("num_attention_heads"))
-        kv_heads = int(raw.get("num_key_value_heads") or heads)
-        head_dim = int(raw.get("head_dim") or hidden // heads)
-        if heads % kv_heads:
-            raise CqilError(f"model: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-        max_pos = int(raw.get("max_position_embeddings", 2048))
+        hidden = need("hidden_size")
+        heads = need("num_attention_heads")
+        kv_heads = need("num_key_value_heads", heads)
+        if raw.get("head_dim") is None and hidden % heads:
+            raise CqilError(f"model: hidden_size={hidden} is not a multiple of num_attention_heads={heads} "
+                            f"(and config.json gives no head_dim)")
+        head_dim = need("head_dim", hidden // heads)
+        max_pos = need("max_position_embeddings", 2048)
 
         rope = dict(raw.get("rope_parameters") or {})
         if set(rope) and all(isinstance(v, dict) for v in rope.values()):
             raise CqilError("model: per-layer-type rope_parameters are not supported")
         legacy = raw.get("rope_scaling") or {}
         rope = {**legacy, **rope}
-        theta = float(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)))
+        theta = _number(rope.pop("rope_theta", raw.get("rope_theta", 10000.0)), "rope_theta")
         rope_type = rope.pop("rope_type", rope.pop("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise CqilError(f"model: rope type {rope_type!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
@@ -129,15 +179,15 @@ class ModelConfig:
         extra = {k: raw[k] for k in ("cqil_layers", "d") if k in raw}
         return cls(
             architecture=arch,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=need("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
-            num_layers=int(need("num_hidden_layers")),
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             max_position_embeddings=max_pos,
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_number(raw.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
             rope_theta=theta,
             rope_scaling=scaling,
             qkv_bias=bool(raw.get("attention_bias", False)) or qwen2,
@@ -148,7 +198,7 @@ class ModelConfig:
             bos_token_id=raw.get("bos_token_id"),
             eos_token_id=raw.get("eos_token_id"),
             pad_token_id=raw.get("pad_token_id"),
-            sliding_window=int(window) if window else None,
+            sliding_window=_positive_int(window, "sliding_window") if window else None,
             extra=extra,
         )
 

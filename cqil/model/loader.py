@@ -46,6 +46,7 @@ class Checkpoint:
     def __init__(self, model_dir: str | Path):
         self.dir = Path(model_dir)
         self._open: dict[str, object] = {}
+        self._keys: dict[str, set[str]] = {}  # tensor names per file
         self.weight_map = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
@@ -94,17 +95,27 @@ class Checkpoint:
         """Size of the checkpoint's weight files on disk."""
         return sum((self.dir / f).stat().st_size for f in set(self.weight_map.values()))
 
+    def _holding(self, name: str):
+        """The open file that holds `name`, checked: an index may map a tensor to the wrong shard."""
+        file = self.weight_map[name]
+        f = self._file(file)
+        if file not in self._keys:
+            self._keys[file] = set(f.keys())
+        if name not in self._keys[file]:
+            raise CqilError(f"model: the checkpoint's index maps {name} to {file}, which does not hold it")
+        return f
+
     def shape(self, name: str) -> tuple[int, ...]:
-        f = self._file(self.weight_map[name])
+        f = self._holding(name)
         return tuple(f.get_slice(name).get_shape()) if hasattr(f, "get_slice") else tuple(f[name].shape)
 
     def get(self, name: str) -> torch.Tensor:
-        file = self.weight_map[name]
-        f = self._file(file)
+        f = self._holding(name)
         try:
             return f.get_tensor(name) if hasattr(f, "get_tensor") else f[name]
         except Exception as e:
-            raise CqilError(f"model: cannot read tensor {name} from {self.dir / file}: {first_line(e)}") from None
+            raise CqilError(f"model: cannot read tensor {name} from {self.dir / self.weight_map[name]}: "
+                            f"{first_line(e)}") from None
 
 
 def layer_of(name: str) -> int | None:

@@ -11,7 +11,6 @@ one process per rank (`cqil.runtime.launch`).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 
 from cqil.cli_util import ArgumentParser, run_main
@@ -25,13 +24,15 @@ def run_parser() -> argparse.ArgumentParser:
     add_generation_flags(parser)
     parser.add_argument("--launcher", choices=["threads", "torchrun"], default="threads",
                         help="threads: every rank in this process (default); torchrun: one process per rank")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a collective waits for a rank before naming it as stopped (default 600)")
     return parser
 
 
 def _torchrun(args, argv) -> int:
     """Hand the same flags to `torchrun -m cqil.runtime.launch`, one process per rank of the plan."""
     from cqil.exporters.manifest import read_manifest
-    from cqil.runtime.launch import torchrun_command
+    from cqil.runtime.launch import run_torchrun
 
     p = read_manifest(args.engine, verify=False)["plan"]["p"]
     rest = list(sys.argv[1:] if argv is None else argv)
@@ -40,18 +41,21 @@ def _torchrun(args, argv) -> int:
         if flag in rest:
             i = rest.index(flag)
             del rest[i:i + (2 if flag == "--launcher" else 1)]
-    return subprocess.call(torchrun_command(args.engine, p, rest))
+    return run_torchrun(args.engine, p, rest)
 
 
 def run_cli(argv=None) -> int:
     from cqil.runtime.engine import load
 
     args = run_parser().parse_args(argv)
-    if args.launcher == "torchrun":
-        return _torchrun(args, argv)
     if args.threads is not None and args.threads < 1:
         raise CqilError(f"--threads must be >= 1, got {args.threads}")
-    with load(args.engine, threads=args.threads, verify=not args.no_verify) as engine:
+    if not args.timeout > 0:
+        raise CqilError(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.launcher == "torchrun":
+        return _torchrun(args, argv)
+    with load(args.engine, threads=args.threads, verify=not args.no_verify,
+              collective_timeout=args.timeout) as engine:
         tokenizer, ids, eos = prompt_of(engine, args)
         stream = StdoutStream(tokenizer) if not args.json else None
         out = engine.generate([ids], eos_token_id=eos, streamer=stream, **sampling_of(args))

@@ -38,6 +38,12 @@ from cqil.program import rank_ordered_sum
 _KEY = "cqil/"  # store keys of this module; torch.distributed's own live under "default_pg"
 
 
+class PeerFailed(CqilError):
+    """A collective failed because another rank stopped: this rank is a victim (exit status 1, not 2)."""
+
+    exit_code = 1
+
+
 class DistCollectives:
     """Collectives for rank `rank` of `world_size` processes.
 
@@ -112,7 +118,7 @@ class DistCollectives:
             tokens = np.empty(batch, np.int64)
         return self._broadcast("share_tokens", tokens)
 
-    def abort(self):
+    def abort(self, failed_rank: int | None = None):
         """Nothing to wake up: this process holds one rank, which is the one that failed."""
 
     def reset(self):
@@ -165,15 +171,15 @@ class DistCollectives:
     @contextmanager
     def _guard(self, what: str):
         if self._broken is not None:
-            raise CqilError(f"rank {self.rank}: {what} refused: an earlier collective failed ({self._broken}); "
-                            f"relaunch all ranks")
+            raise PeerFailed(f"rank {self.rank}: {what} refused: an earlier collective failed ({self._broken}); "
+                             f"relaunch all ranks")
         self._seq += 1
         try:
             yield
         except RuntimeError as e:  # gloo / NCCL errors, DistBackendError included
             self.failed_ranks, how = self._suspects()
             self._broken = f"rank {self.rank}: {what} (collective #{self._seq}) failed: {how} [{_gloo_line(e)}]"
-            raise CqilError(self._broken) from e
+            raise PeerFailed(self._broken) from e
 
     # -- liveness -----------------------------------------------------------------------------
 

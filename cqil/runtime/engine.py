@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from cqil.errors import CqilError
 from cqil.model.tokenizer import DEFINING as TOKENIZER_DEFINING
 from cqil.model.tokenizer import load_tokenizer
 from cqil.runtime import backends
+from cqil.runtime.collectives import Abandoned
 from cqil.runtime.generator import Generator, left_pad, positions_of
 from cqil.runtime.spec import NUMPY_DTYPES, EngineSpec
 
@@ -83,6 +85,8 @@ class Engine:
             raise
         self._pool = ThreadPoolExecutor(len(self.ranks) - 1) if len(self.ranks) > 1 else None
         self._lock = threading.Lock()
+        self.collective_timeout = collective_timeout
+        self._broken: str | None = None
         self.stats: dict = {}
         self._tokenizer = None
 
@@ -127,7 +131,7 @@ class Engine:
         """Stop the rank threads and release every rank's sessions, weights and device memory."""
         pool = getattr(self, "_pool", None)
         if pool is not None:
-            pool.shutdown()
+            pool.shutdown(wait=not getattr(self, "_broken", None))  # a hung rank thread never ends
             self._pool = None
         for runner in getattr(self, "runners", {}).values():
             runner.close()
@@ -149,6 +153,8 @@ class Engine:
     def _check_open(self):
         if not self.runners:
             raise CqilError("engine: it is closed")
+        if self._broken:
+            raise CqilError(f"engine: unusable since {self._broken}; open it again")
 
     def _run_rank(self, rank: int, env: dict) -> dict:
         segments = self.segments[rank]
@@ -181,20 +187,37 @@ class Engine:
             for r in self.ranks:
                 envs[r] = dict(common)
                 cache[r].begin(envs[r])
-            others = [self._pool.submit(self._run_rank, r, envs[r]) for r in self.ranks[1:]] if self._pool else []
-            try:
-                self._run_rank(self.ranks[0], envs[self.ranks[0]])
-                for f in others:
-                    f.result()
-            except BaseException:
-                self.collectives.abort()
-                for f in others:
-                    f.exception()  # wait for every rank to stop before the barrier is reused
-                self.collectives.reset()
-                raise
+            self._run_ranks(envs)
             for r in self.ranks:
                 cache[r].end(envs[r], input_ids.shape[1])
         return envs[0]["logits"] if 0 in envs else None
+
+    def _run_ranks(self, envs: dict):
+        """Every rank's program at once; the first rank to fail stops the others and is reported."""
+        others = {r: self._pool.submit(self._run_rank_or_abort, r, envs[r]) for r in self.ranks[1:]}
+        errors = {}
+        try:
+            self._run_rank_or_abort(self.ranks[0], envs[self.ranks[0]])
+        except BaseException as e:
+            errors[self.ranks[0]] = e
+        for r, f in others.items():
+            try:
+                e = f.exception(timeout=self.collective_timeout)
+            except FutureTimeout:  # a rank stuck inside a segment: its thread cannot be stopped
+                self._broken = f"rank {r} hangs inside a segment (no answer for {self.collective_timeout:g} s)"
+                e = Abandoned(self._broken)
+            if e is not None:
+                errors[r] = e
+        if errors:
+            self.collectives.reset()
+            raise _cause(errors)
+
+    def _run_rank_or_abort(self, rank: int, env: dict):
+        try:
+            self._run_rank(rank, env)
+        except BaseException:
+            self.collectives.abort(rank)  # the ranks waiting for this one stop now, not at the timeout
+            raise
 
     # -- user API -----------------------------------------------------------------------------
 
@@ -244,3 +267,18 @@ class Engine:
         self.stats = {"prefill_ms": 1000 * (t1 - t0), "new_tokens": steps,
                       "ms_per_token": 1000 * t_decode / max(steps - 1, 1) if steps > 1 else 0.0}
         return gen.tokens
+
+
+def _cause(errors: dict[int, BaseException]) -> BaseException:
+    """The error to report for a failed step: an interrupt as is; else the first rank's own error
+    (not a victim's `Abandoned`), named by its rank; else the first victim's, which names who hung."""
+    for e in errors.values():
+        if not isinstance(e, Exception):  # KeyboardInterrupt, a stop signal
+            return e
+    own = {r: e for r, e in errors.items() if not isinstance(e, Abandoned)}
+    rank, e = next(iter(sorted(own.items()) or sorted(errors.items())))
+    if not isinstance(e, CqilError):
+        e.add_note(f"(on rank {rank})")
+        return e
+    message = str(e)
+    return e if message.startswith(f"rank {rank}") else CqilError(f"rank {rank}: {message}")

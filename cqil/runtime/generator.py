@@ -29,20 +29,25 @@ from cqil.runtime.sampling import check_sampling, sample
 
 def left_pad(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Token ids (list of lists, ragged allowed, one flat list, or int array [B, T]) -> left-padded
-    int64 ids and mask [B, T]; ids outside [0, vocab_size) are refused."""
+    int64 ids and mask [B, T]. Ids must be integers in [0, vocab_size) (no floats, strings or bools
+    coerced), a mask holds 0s and 1s only, and every row at least one real token."""
     if isinstance(input_ids, np.ndarray) or hasattr(input_ids, "numpy"):
         ids = np.asarray(input_ids)
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise CqilError(f"input_ids must be integers of shape [batch, sequence], got {ids.dtype} {ids.shape}")
-        ids = ids.astype(np.int64)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        if mask.shape != ids.shape:
-            raise CqilError(f"attention_mask shape {mask.shape} differs from input_ids shape {ids.shape}")
+        mask = np.ones(ids.shape, np.int64) if attention_mask is None else _mask(attention_mask, ids.shape)
+        real = ids[mask == 1]
+        bad = real[(real < 0) | (real >= vocab_size)]
+        ids = np.where(mask == 1, ids, 0).astype(np.int64)
     else:
+        if attention_mask is not None:
+            raise CqilError("attention_mask goes with an array of input_ids; lists of ids are left-padded by cqil")
+        if isinstance(input_ids, (str, bytes)) or not hasattr(input_ids, "__iter__"):
+            raise CqilError(f"input_ids must be a list of token-id lists, or one flat list of ids, got {input_ids!r:.40}")
         rows = list(input_ids)
-        if rows and all(isinstance(x, (int, np.integer)) for x in rows):
+        if rows and not any(isinstance(x, (list, tuple, np.ndarray)) for x in rows):
             rows = [rows]  # a single sequence given flat
         try:
             rows = [list(r) for r in rows]
@@ -50,21 +55,40 @@ def left_pad(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np
             raise CqilError("input_ids must be a list of token-id lists, or one flat list of ids") from None
         if not rows or any(len(r) == 0 for r in rows):
             raise CqilError("input_ids must hold at least one non-empty sequence")
+        for i, r in enumerate(rows):
+            wrong = [x for x in r if not _is_id(x)]
+            if wrong:
+                raise CqilError(f"input_ids row {i} holds {wrong[0]!r}, which is not an integer token id")
+        bad = np.array([x for r in rows for x in r if not 0 <= int(x) < vocab_size], dtype=object)
         width = max(len(r) for r in rows)
         ids = np.zeros((len(rows), width), np.int64)
         mask = np.zeros((len(rows), width), np.int64)
-        for i, r in enumerate(rows):
-            try:
+        if not bad.size:
+            for i, r in enumerate(rows):
                 ids[i, width - len(r):] = np.asarray(r, dtype=np.int64)
-            except (TypeError, ValueError):
-                raise CqilError(f"input_ids row {i} is not a list of integers") from None
-            mask[i, width - len(r):] = 1
-    if ids.size == 0:
-        raise CqilError("input_ids is empty")
-    bad = ids[(mask == 1) & ((ids < 0) | (ids >= vocab_size))]
+                mask[i, width - len(r):] = 1
     if bad.size:
         raise CqilError(f"input ids outside the vocabulary [0, {vocab_size}): {sorted(set(bad.tolist()))[:5]}")
+    if ids.size == 0:
+        raise CqilError("input_ids is empty")
     return ids, mask
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _mask(attention_mask, shape) -> np.ndarray:
+    mask = np.asarray(attention_mask)
+    if mask.shape != shape:
+        raise CqilError(f"attention_mask shape {mask.shape} differs from input_ids shape {shape}")
+    if mask.size and not np.isin(mask, (0, 1)).all():
+        raise CqilError(f"attention_mask must hold only 0 (padding) and 1 (token), got values "
+                        f"{sorted(set(np.unique(mask).tolist()) - {0, 1})[:5]}")
+    mask = mask.astype(np.int64)
+    if mask.size and not mask.any(axis=1).all():
+        raise CqilError(f"attention_mask row(s) {np.flatnonzero(~mask.any(axis=1)).tolist()[:5]} hold no token")
+    return mask
 
 
 def positions_of(mask: np.ndarray) -> np.ndarray:

@@ -16,6 +16,13 @@ between rank threads. See docs/distributed.md for multi-node launches and failur
 Exit status: 0 success; 2 bad input or a failed collective (the message names the rank that
 stopped); 130 interrupted. A rank that dies or hangs ends every other rank within --timeout.
 
+`cqil-run --launcher torchrun` starts torchrun through `run_torchrun`, which owns every process it
+starts: torchrun runs in a session of its own with its stderr (its tracebacks and the ranks'
+messages) in a log file; Ctrl-C, SIGTERM or SIGHUP stop torchrun and every rank process (SIGTERM,
+then SIGKILL after a grace period), as does a rank that exits while torchrun lingers; the user sees
+one line naming the rank that failed and its cause, and the log's path. Exit status: as the ranks'
+(2 bad input, 1 a rank died or hung), 130 / 143 / 129 when interrupted or stopped.
+
 `main(argv, env, hooks)` takes an object with `opened(engine, rank, args)` and `token(rank)`
 methods, called once the engine is open and after every generated token; the tests use them
 (tests/launch_hooks.py) to record what a process holds and to make a rank die.
@@ -23,9 +30,15 @@ methods, called once the engine is open and after every generated token; the tes
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from cqil.cli_util import ArgumentParser, run_main
@@ -44,6 +57,109 @@ def torchrun_command(engine_dir, nproc: int, args: list[str], module: str = "cqi
     """
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={int(nproc)}",
             "-m", module, str(engine_dir), *args]
+
+
+GRACE = 5.0  # seconds a process gets to stop after SIGTERM, and torchrun after its first rank ended
+
+
+def run_torchrun(engine_dir, nproc: int, args: list[str]) -> int:
+    """Run the engine as `nproc` rank processes under torchrun, owning all of them (see the module doc)."""
+    import psutil
+
+    fd, log = tempfile.mkstemp(prefix="cqil-run-torchrun-", suffix=".log")
+    with os.fdopen(fd, "w") as err:
+        proc = subprocess.Popen(torchrun_command(engine_dir, nproc, args), stderr=err, start_new_session=True,
+                                preexec_fn=_die_with_parent)
+    agent = psutil.Process(proc.pid)
+    seen: dict[int, psutil.Process] = {}  # every rank process torchrun started
+    first_end = None
+    try:
+        while proc.poll() is None:
+            for child in _children(agent):
+                seen.setdefault(child.pid, child)
+            if first_end is None and any(not p.is_running() for p in seen.values()):
+                first_end = time.monotonic()
+            if first_end is not None and time.monotonic() - first_end > GRACE:
+                break  # a rank ended and torchrun is still waiting on the others: stop them ourselves
+            time.sleep(0.1)
+    except BaseException:  # Ctrl-C, SIGTERM, SIGHUP: nothing may outlive us
+        _stop([agent, *seen.values()])
+        raise
+    _stop([agent, *seen.values()])
+    text = Path(log).read_text(errors="replace")
+    if proc.returncode == 0:
+        for line in re.findall(r"^\d+ tokens, prefill .*$", text, re.M):  # rank 0's stats line
+            print(line, file=sys.stderr)
+        os.unlink(log)
+        return 0
+    cause, code = root_cause(text)
+    raise RankProcessFailed(f"{cause} (torchrun's log: {log})", code)
+
+
+class RankProcessFailed(CqilError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def root_cause(log: str) -> tuple[str, int]:
+    """(one line naming the failing rank and why, exit status) from torchrun's stderr.
+
+    The ranks' own error lines come first: one that is not a victim's (a peer failure) is the
+    cause (status 2 for bad input, as the rank said); else a victim's line, which names the rank
+    that stopped (status 1); else torchrun's own summary of the first failure.
+    """
+    lines = [m.groups() for m in re.finditer(r"^cqil-launch\[rank (\d+)\]: (error|internal error): (.*)$", log, re.M)]
+    victims = [(r, msg) for r, kind, msg in lines if kind == "error" and _VICTIM.search(msg)]
+    own = sorted((int(r), kind, msg) for r, kind, msg in lines if (r, msg) not in victims)
+    if own:
+        r, kind, msg = own[0]
+        return (msg if msg.startswith(f"rank {r}") else f"rank {r}: {msg}"), (2 if kind == "error" else 1)
+    if victims:
+        return victims[0][1], 1
+    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log, re.S)
+    if m:
+        rank, code = int(m[1]), int(m[2])
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        return f"rank {rank} {how}", 1
+    return "torchrun failed before any rank reported", 1
+
+
+_VICTIM = re.compile(r"\(collective #\d+\) failed:|refused: an earlier collective failed")
+
+
+def _children(agent):
+    import psutil
+
+    try:
+        return agent.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _stop(procs):
+    """SIGTERM every process still running, SIGKILL those left after GRACE seconds."""
+    import psutil
+
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+            p.resume()  # a stopped (SIGSTOP) process handles SIGTERM only once it runs
+    _, alive = psutil.wait_procs(alive, timeout=GRACE)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=GRACE)
+
+
+def _die_with_parent():
+    """In torchrun's process: get SIGTERM when cqil-run dies, even by SIGKILL (Linux; elsewhere nothing)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def parser():
@@ -129,7 +245,7 @@ def generate(args, rank: int, world: int, local_world: int, collectives, hooks=N
     try:
         out = engine.generate([ids], eos_token_id=eos, streamer=put, **sampling_of(args))
     except BaseException:
-        if stream is not None:
+        if stream is not None and stream.started:
             print(flush=True)  # end the streamed line before the error message
         raise
     engine.close()

@@ -18,6 +18,7 @@ from cqil.errors import CqilError
 def add_generation_flags(parser: argparse.ArgumentParser):
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="prompt text (needs the tokenizer files in the engine directory)")
+    what.add_argument("--prompt-file", help="UTF-8 text file holding the prompt")
     what.add_argument("--input-ids", help="prompt as comma-separated token ids, e.g. 1,2,3")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (default 32)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -73,8 +74,10 @@ class StdoutStream:
         write = lambda s: print(s, end="", flush=True)
         self.text = TextStream(tokenizer, write) if tokenizer is not None else None
         self.write = write
+        self.started = False
 
     def put(self, token):  # int64 [B]
+        self.started = True
         if self.text is not None:
             self.text.put(int(token[0]))
         else:
@@ -87,13 +90,29 @@ class StdoutStream:
 
 
 def parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise CqilError(f"--input-ids must be comma-separated integers, got {text!r}") from None
-    if not ids:
-        raise CqilError("--input-ids holds no token id")
-    return ids
+    items = text.replace(" ", "").split(",")
+    if not all(x.lstrip("-").isdigit() for x in items):
+        raise CqilError(f"--input-ids must be comma-separated integers (no empty items), got {text!r}")
+    return [int(x) for x in items]
+
+
+def prompt_text(args) -> str | None:
+    """--prompt or the contents of --prompt-file, as valid UTF-8 text (None with --input-ids)."""
+    if args.prompt_file is not None:
+        try:
+            raw = open(args.prompt_file, "rb").read()
+        except OSError as e:
+            raise CqilError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise CqilError(f"--prompt-file {args.prompt_file} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")  # undecodable command-line bytes arrive as lone surrogates
+        except UnicodeEncodeError as e:
+            raise CqilError(f"--prompt is not valid UTF-8 (character {e.start})") from None
+    return args.prompt
 
 
 def eos_ids(engine, tokenizer) -> list[int]:
@@ -115,12 +134,13 @@ def eos_ids(engine, tokenizer) -> list[int]:
 
 
 def prompt_of(engine, args):
-    """(tokenizer or None, prompt ids, eos ids or None) from the --prompt / --input-ids flags."""
-    tokenizer = engine.tokenizer if (args.prompt is not None or engine.has_tokenizer) else None
-    if args.prompt is not None:
-        ids = tokenizer(args.prompt)["input_ids"]
+    """(tokenizer or None, prompt ids, eos ids or None) from the --prompt / --prompt-file / --input-ids flags."""
+    text = prompt_text(args)
+    tokenizer = engine.tokenizer if (text is not None or engine.has_tokenizer) else None
+    if text is not None:
+        ids = tokenizer(text)["input_ids"]
         if not ids:
-            raise CqilError("--prompt encodes to no tokens")
+            raise CqilError("the prompt encodes to no tokens")
     else:
         ids = parse_ids(args.input_ids)
     return tokenizer, ids, None if args.ignore_eos else (eos_ids(engine, tokenizer) or None)

@@ -20,11 +20,17 @@ OPTIONS = frozenset({"providers"})
 
 
 class OrtSegment:
-    def __init__(self, session, inputs: list[str], outputs: list[str], weight_bytes: int):
-        self.session, self.inputs, self.outputs, self.weight_bytes = session, inputs, outputs, weight_bytes
+    def __init__(self, session, file: str, inputs: list[str], outputs: list[str], weight_bytes: int):
+        self.session, self.file = session, file
+        self.inputs, self.outputs, self.weight_bytes = inputs, outputs, weight_bytes
 
     def __call__(self, env: dict) -> None:
-        env.update(zip(self.outputs, self.session.run(self.outputs, {n: env[n] for n in self.inputs})))
+        feeds = {n: env[n] for n in self.inputs}
+        try:
+            results = self.session.run(self.outputs, feeds)
+        except Exception as e:  # ONNX Runtime's Fail / InvalidArgument / RuntimeException: a damaged engine
+            raise CqilError(f"engine: {self.file} failed: {first_line(e)}") from None
+        env.update(zip(self.outputs, results))
 
 
 def open_session(path, rec: dict, threads: int, spin: bool, providers=None) -> OrtSegment:
@@ -45,7 +51,7 @@ def open_session(path, rec: dict, threads: int, spin: bool, providers=None) -> O
     if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
         unknown = sorted(set(got_in + got_out) - set(want_in + want_out)) or sorted(set(want_in + want_out) - set(got_in + got_out))
         raise CqilError(f"engine: {rec['files'][0]} does not match the manifest: unknown tensor name(s) {unknown}")
-    return OrtSegment(session, want_in, want_out, rec.get("weight_bytes", 0))
+    return OrtSegment(session, rec["files"][0], want_in, want_out, rec.get("weight_bytes", 0))
 
 
 class OrtRank:
