@@ -167,8 +167,8 @@ def test_bad_training_flags(model_dir, tmp_path, capsys, flags, message):
     import numpy as np
 
     np.save(data, np.arange(100) % 256)
-    rc = run_main("cqil-finetune", cli.finetune_main, [str(model_dir), "--p", "2", "--start", "1", "--end", "5", "--data", str(data),
-                                                      "-o", str(tmp_path / "out"), *flags])
+    argv = [str(model_dir), "--p", "2", "--start", "1", "--end", "5", "--data", str(data), "-o", str(tmp_path / "out")]
+    rc = run_main("cqil-finetune", cli.finetune_main, [*argv, *flags])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()

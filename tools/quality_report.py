@@ -10,12 +10,15 @@ and the LoRA runs see, so neither the chosen range nor the adapters have seen th
 similarity plot is written next to the report.
 
 It calls the library functions behind cqil-analyze / cqil-finetune / cqil-eval, so the numbers are
-exactly what those commands print. Runs on one CPU thread.
+exactly what those commands print. Runs on one CPU thread. Whatever follows the `KEEP` line in an
+existing report (the hand-written sections on data, training at scale and lm-evaluation-harness) is
+kept; the file is replaced in one rename.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +36,7 @@ from cqil.quality.similarity import DEFAULT_THRESHOLD, measure, suggest_range
 from cqil.quality.targets import model_target
 
 ROOT = Path(__file__).resolve().parent.parent
+KEEP = "<!-- Written by hand from here on: tools/quality_report.py keeps what follows this line. -->"
 CAVEAT = ("Caveat: a 12-layer, 10M-parameter model trained for 30 minutes on Python source (its "
           "train_report.json: held-out perplexity 56.9, unigram 756); the numbers "
           "show the direction and rough size of CQIL's cost and of the LoRA recovery, not LLaMA-7B's "
@@ -104,9 +108,18 @@ def main(argv=None):
     plot_name = out.with_name(out.stem + "-similarity.png")
     best = suggestions[min(suggestions)]
     plot_similarity(sim, best, DEFAULT_THRESHOLD, plot_name, title=f"{model_dir.name}: layer-input similarity")
-    out.write_text(render(args, model_dir, sim, suggestions, rows, plot_name, len(train_ids), len(eval_ids),
-                          time.perf_counter() - started))
+    write_report(out, render(args, model_dir, sim, suggestions, rows, plot_name, len(train_ids), len(eval_ids),
+                             time.perf_counter() - started))
     print(f"wrote {out}")
+
+
+def write_report(out: Path, report: str):
+    """`report`, then the hand-written part of the existing file (from the KEEP line on)."""
+    old = out.read_text() if out.is_file() else ""
+    kept = old[old.index(KEEP):] if KEEP in old else ""
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(report.rstrip("\n") + "\n\n" + kept if kept else report)
+    os.replace(tmp, out)
 
 
 def render(args, model_dir, sim, suggestions, rows, plot_name, n_train, n_eval, seconds) -> str:

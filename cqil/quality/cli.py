@@ -111,7 +111,8 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", help="comma-separated lm-evaluation-harness tasks instead of --data "
                                         "(e.g. arc_easy,sciq; needs their datasets)")
     parser.add_argument("--include-path", help="folder of extra lm-evaluation-harness task YAML files")
-    parser.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples per task (default: the task's)")
+    parser.add_argument("--num-fewshot", type=int, default=None,
+                        help="few-shot examples per task (default: the task's)")
     parser.add_argument("--limit", type=float, default=None, help="examples per task (for a quick look)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per forward for --tasks (default 1)")
     add_device_flag(parser)

@@ -129,7 +129,9 @@ def load_tokens(path: str | Path, tokenizer_folder: str | Path | None = None, ma
 
 def as_long(ids) -> torch.Tensor:
     """A 1-D int64 tensor of `ids` (array, memmap or tensor): what the measuring code takes."""
-    return ids.long() if torch.is_tensor(ids) else torch.from_numpy(np.array(ids, dtype=np.int64))  # a copy: memmaps are read-only
+    if torch.is_tensor(ids):
+        return ids.long()
+    return torch.from_numpy(np.array(ids, dtype=np.int64))  # a copy: memmaps are read-only
 
 
 # -- token arrays -----------------------------------------------------------------------------------

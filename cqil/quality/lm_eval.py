@@ -103,7 +103,8 @@ class CqilLM(TemplateLM):
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         context_enc, continuation_enc = super()._encode_pair(context, continuation)
         if continuation.strip() and not continuation_enc:  # merged into the context's last token
-            context_enc, continuation_enc = self.tok_encode(context), self.tok_encode(continuation, add_special_tokens=False)
+            context_enc = self.tok_encode(context)
+            continuation_enc = self.tok_encode(continuation, add_special_tokens=False)
         return context_enc, continuation_enc
 
     def tok_decode(self, tokens: list[int]) -> str:
