@@ -22,7 +22,8 @@ import cqil
 from cqil.cli_util import run_main
 from cqil.compiler.cli import main as compile_main
 from cqil.errors import CqilError
-from cqil.exporters.tensorrt import check_engine_compatibility, input_profile, profile_axes, require_tensorrt
+from cqil.exporters.tensorrt import (PROFILES, check_engine_compatibility, input_profile, profile_for, profiles,
+                                    require_tensorrt)
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 RECORD = {"tensorrt_version": "10.3.0.26", "compute_capability": "9.0", "device_name": "NVIDIA H100"}
@@ -30,33 +31,45 @@ RECORD = {"tensorrt_version": "10.3.0.26", "compute_capability": "9.0", "device_
 
 # -- profile ----------------------------------------------------------------------------------
 
-def test_profile_axes():
-    axes = profile_axes(max_batch=4, max_seq_len=128)
-    assert axes == {"batch": (1, 1, 4), "sequence": (1, 1, 128), "past_sequence": (0, 64, 127),
-                    "total_sequence": (1, 65, 255)}
-    for i in range(3):  # total = past + new at min, opt and max: TensorRT checks shapes there
-        assert axes["total_sequence"][i] == axes["past_sequence"][i] + axes["sequence"][i]
+def test_profiles():
+    axes = profiles(max_batch=4, max_seq_len=128)
+    assert list(axes) == list(PROFILES)
+    assert axes["decode"] == {"batch": (1, 1, 4), "sequence": (1, 1, 1), "past_sequence": (0, 64, 127),
+                              "total_sequence": (1, 65, 128)}
+    assert axes["prefill"]["sequence"] == (1, 128, 128) and axes["prefill"]["past_sequence"] == (0, 0, 0)
+    assert axes["chunk"]["sequence"] == (1, 1, 64) and axes["chunk"]["past_sequence"] == (0, 0, 64)
+    for ax in axes.values():
+        assert ax["total_sequence"][2] <= 128  # activation memory sized for max_seq_len, not 2x
+        for i in range(3):  # total = past + new at min, opt and max: TensorRT checks shapes there
+            assert ax["total_sequence"][i] == ax["past_sequence"][i] + ax["sequence"][i]
 
 
-def test_profile_axes_tiny_and_invalid():
-    assert profile_axes(1, 1)["past_sequence"] == (0, 0, 0)
+@pytest.mark.parametrize("batch, sequence, past, profile", [
+    (1, 1, 100, 0), (4, 1, 0, 0), (2, 128, 0, 1), (1, 5, 0, 1), (1, 64, 64, 2), (1, 3, 60, 2),
+    (1, 65, 10, None), (1, 2, 127, None), (5, 1, 0, None)])
+def test_profile_for(batch, sequence, past, profile):
+    assert profile_for(profiles(4, 128), batch, sequence, past) == profile
+
+
+def test_profiles_tiny_and_invalid():
+    assert profiles(1, 1)["decode"]["past_sequence"] == (0, 0, 0)
     with pytest.raises(CqilError, match="must be positive"):
-        profile_axes(0, 16)
+        profiles(0, 16)
 
 
 def test_input_profile_by_hand():
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "sequence"]},
               {"name": "past_key_values.3.key", "dtype": "float16", "shape": ["batch", 2, "past_sequence", 16]},
               {"name": "attention_mask", "dtype": "int64", "shape": ["batch", "total_sequence"]}]
-    profile = input_profile(inputs, profile_axes(8, 64))
-    assert profile["input_ids"] == ((1, 1), (1, 1), (8, 64))
+    profile = input_profile(inputs, profiles(8, 64)["decode"])
+    assert profile["input_ids"] == ((1, 1), (1, 1), (8, 1))
     assert profile["past_key_values.3.key"] == ((1, 2, 0, 16), (1, 2, 32, 16), (8, 2, 63, 16))
-    assert profile["attention_mask"] == ((1, 1), (1, 33), (8, 127))
+    assert profile["attention_mask"] == ((1, 1), (1, 33), (8, 64))
 
 
 def test_input_profile_unknown_axis():
     with pytest.raises(CqilError, match="'heads'"):
-        input_profile([{"name": "x", "dtype": "float32", "shape": ["batch", "heads"]}], profile_axes(1, 8))
+        input_profile([{"name": "x", "dtype": "float32", "shape": ["batch", "heads"]}], profiles(1, 8)["decode"])
 
 
 # -- compatibility ----------------------------------------------------------------------------
@@ -116,7 +129,7 @@ def test_runtime_backend_without_tensorrt(no_tensorrt, engine):
 
 class _Recorder:
     def __init__(self):
-        self.networks, self.flags, self.profiles, self.caches_loaded = [], [], [], []
+        self.networks, self.flags, self.profiles, self.caches_loaded, self.network_flags = [], [], [], [], []
 
 
 def _fake_tensorrt(rec: _Recorder) -> types.ModuleType:
@@ -190,6 +203,7 @@ def _fake_tensorrt(rec: _Recorder) -> types.ModuleType:
             pass
 
         def create_network(self, flags):
+            rec.network_flags.append(flags)
             return Network(flags)
 
         def create_builder_config(self):
@@ -199,10 +213,10 @@ def _fake_tensorrt(rec: _Recorder) -> types.ModuleType:
             return Profile()
 
         def build_serialized_network(self, network, config):
-            assert config.cache is not None and len(config.profiles) == 1
+            assert config.cache is not None and len(config.profiles) == 3
             rec.networks.append(network.path)
             rec.flags.append(list(config.flags))
-            rec.profiles.append(config.profiles[0].shapes)
+            rec.profiles.append([p.shapes for p in config.profiles])
             return b"engine of " + network.path.encode()
 
     trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
@@ -244,8 +258,8 @@ def test_fake_build_manifest(fake_build):
     assert manifest["formats"] == ["onnx", "tensorrt"]
     trt = manifest["tensorrt"]
     assert trt["tensorrt_version"] == "10.3.0.26" and trt["compute_capability"] == "9.0"
-    assert trt["precision_flags"] == ["FP16"] and trt["max_batch"] == 4
-    assert trt["profile_axes"]["total_sequence"] == [1, 17, 63]
+    assert trt["precision_flags"] == [] and trt["strongly_typed"] and trt["max_batch"] == 4
+    assert trt["profiles"]["decode"]["total_sequence"] == [1, 17, 32]
     assert (out / trt["timing_cache"]).read_bytes() == b"timing-cache"
     assert "timing.cache" in manifest["files"]
     segments = [(r["rank"], s) for r in manifest["ranks"] for s in r["segments"]]
@@ -255,20 +269,130 @@ def test_fake_build_manifest(fake_build):
         # built from this segment's ONNX file (in the compile's temporary folder, since renamed)
         assert (out / seg["tensorrt_engine"]).read_bytes().endswith(f"/{seg['files'][0]}".encode())
         assert seg["tensorrt_engine"] in manifest["files"]
-    assert all(flags == ["FP16"] for flags in rec.flags)
+    assert all(flags == [] for flags in rec.flags)  # strongly typed: the ONNX types, no precision flag
+    assert all(f == 1 << 1 for f in rec.network_flags)  # NetworkDefinitionCreationFlag.STRONGLY_TYPED
     assert rec.caches_loaded == [b""]  # one cache, created once and shared by every segment
 
 
 def test_fake_build_profiles_follow_the_manifest(fake_build):
     out, rec = fake_build
     manifest = json.loads((out / "manifest.json").read_text())
-    axes = {k: tuple(v) for k, v in manifest["tensorrt"]["profile_axes"].items()}
+    axes = {name: {k: tuple(v) for k, v in ax.items()} for name, ax in manifest["tensorrt"]["profiles"].items()}
     segments = [s for r in manifest["ranks"] for s in r["segments"]]
     assert len(rec.profiles) == len(segments)
     for seg, shapes in zip(segments, rec.profiles):
-        assert shapes == input_profile(seg["inputs"], axes)
-    past = [p for shapes in rec.profiles for n, p in shapes.items() if n.startswith("past_key_values")]
-    assert past and all(lo[0] == 1 and lo[2] == 0 and hi[0] == 4 and hi[2] == 31 for lo, _, hi in past)
+        assert shapes == [input_profile(seg["inputs"], axes[name]) for name in PROFILES]
+    decode_past = [p[0][n] for p in rec.profiles for n in p[0] if n.startswith("past_key_values")]
+    assert decode_past and all(lo[0] == 1 and lo[2] == 0 and hi[0] == 4 and hi[2] == 31 for lo, _, hi in decode_past)
+
+
+def test_weakly_typed_build_needs_the_flag(tiny_checkpoint, tmp_path):
+    """TensorRT 11 has no FP16 builder flag: asking for a weakly typed fp16 build says so."""
+    from cqil.exporters.tensorrt import _build_one
+
+    rec = _Recorder()
+    trt = _fake_tensorrt(rec)
+    trt.__version__ = "11.0.0"
+    trt.BuilderFlag = types.SimpleNamespace()
+    engine = cqil.compile(tiny_checkpoint("llama"), tmp_path / "e", p=1, max_seq_len=16, progress=False,
+                          log=lambda m: None)
+    seg = json.loads((engine / "manifest.json").read_text())["ranks"][0]["segments"][0]
+    shapes = [input_profile(seg["inputs"], ax) for ax in profiles(1, 16).values()]
+    builder = trt.Builder(None)
+    with pytest.raises(CqilError, match="has no FP16 builder flag; build strongly typed"):
+        _build_one(trt, builder, None, engine / seg["files"][0], seg, shapes, ("FP16",), object(), False, None)
+
+
+# -- runtime plumbing: shared activation memory, profile selection (stand-ins, on the CPU) -------
+
+class _FakeContext:
+    def __init__(self, engine, strategy):
+        self.engine, self.strategy, self.memory, self.profiles, self.shapes, self.addresses = engine, strategy, None, [], {}, {}
+
+    def set_device_memory(self, address, size):
+        self.memory = (address, size)
+
+    def set_optimization_profile_async(self, index, stream):
+        self.profiles.append(index)
+
+    def get_tensor_shape(self, name):
+        if name in self.shapes:
+            return self.shapes[name]
+        B, T = self.shapes["input_ids"]
+        return (B, T, 256) if name == "logits" else (-1,)
+
+    def set_input_shape(self, name, shape):
+        self.shapes[name] = tuple(shape)
+        return True
+
+    def set_tensor_address(self, name, address):
+        self.addresses[name] = address
+
+    def execute_async_v3(self, stream):
+        return True
+
+
+def _fake_runtime(trt, seg_specs, memory):
+    class FakeEngine:
+        def __init__(self, data):
+            self.name = data.decode()
+            self.device_memory_size_v2 = memory[self.name]
+            spec = seg_specs[self.name]
+            self.io = [(t["name"], trt.TensorIOMode.INPUT) for t in spec["inputs"]] + \
+                      [(t["name"], trt.TensorIOMode.OUTPUT) for t in spec["outputs"]]
+            self.num_io_tensors = len(self.io)
+
+        def get_tensor_name(self, i):
+            return self.io[i][0]
+
+        def get_tensor_mode(self, name):
+            return dict(self.io)[name]
+
+        def get_tensor_dtype(self, name):
+            return trt.DataType.INT64 if name in ("input_ids", "attention_mask", "position_ids") else trt.DataType.FLOAT
+
+        def create_execution_context(self, strategy):
+            return _FakeContext(self, strategy)
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            return FakeEngine(data)
+
+    trt.Runtime = Runtime
+    trt.TensorIOMode = types.SimpleNamespace(INPUT="in", OUTPUT="out")
+    trt.DataType = types.SimpleNamespace(FLOAT="f32", INT64="i64")
+    trt.ExecutionContextAllocationStrategy = types.SimpleNamespace(USER_MANAGED="user-managed")
+    return trt
+
+
+def test_rank_contexts_share_activation_memory_and_switch_profiles(engine, tmp_path, monkeypatch):
+    import cqil.runtime.backends.tensorrt as trt_backend
+    from cqil.runtime.spec import EngineSpec
+
+    copy = tmp_path / "engine"
+    import shutil
+    shutil.copytree(engine, copy)
+    spec = EngineSpec.read(copy, verify=False)
+    segs = spec.segments(0)
+    for s in segs:  # each serialized engine names its segment, so the stand-in knows which it is
+        (copy / s["tensorrt_engine"]).write_bytes(s["name"].encode())
+    memory = {s["name"]: 1000 * (i + 1) for i, s in enumerate(segs)}
+    trt = _fake_runtime(_fake_tensorrt(_Recorder()), {s["name"]: s for s in segs}, memory)
+    monkeypatch.setattr(trt_backend, "_RUNTIME", {})
+    rank = trt_backend.TrtRank(spec, 0, torch.device("cpu"), trt)
+    contexts = [s.context for s in rank.segments.values()]
+    assert {c.strategy for c in contexts} == {"user-managed"}
+    assert {c.memory for c in contexts} == {(rank.activations.data_ptr(), max(memory.values()))}
+    seg = next(iter(rank.segments.values()))
+    for (T, P), profile in {(1, 10): 0, (8, 0): 1, (4, 4): 2}.items():
+        seg._select_profile({"input_ids": np.zeros((1, T)), "attention_mask": np.zeros((1, P + T))}, 0)
+        assert seg.profile == profile
+    assert seg.context.profiles == [1, 2]  # profile 0 was current from the start
+    with pytest.raises(CqilError, match="fits none of the TensorRT profiles"):
+        seg._select_profile({"input_ids": np.zeros((1, 3)), "attention_mask": np.zeros((1, 31))}, 0)
 
 
 def test_fake_build_engine_still_runs_on_onnxruntime(engine):

@@ -20,7 +20,7 @@ from cqil.compiler.cli import main as compile_main
 from cqil.errors import CqilError
 from cqil.exporters.torch_weights import write_safetensors
 from cqil.runtime.backends.device_collectives import DeviceCollectives
-from cqil.runtime.backends.torch_backend import parse_devices
+from cqil.runtime.backends.device import parse_devices
 from cqil.runtime.collectives import LocalCollectives
 
 ATOL = 1e-5
@@ -207,7 +207,7 @@ def test_refuses_truncated_weights(engine_p1, tmp_path):
     ({"decode": "graph"}, "needs a CUDA device"),
     ({"decode": "fast"}, "decode must be one of"),
     ({"devices": "tpu"}, "device"),
-    ({"devices": []}, "one per rank"),
+    ({"devices": []}, "one device per rank"),
 ])
 def test_bad_options(engine_p1, options, message):
     with pytest.raises(CqilError, match=message):
@@ -227,6 +227,55 @@ def test_parse_devices_cpu():
     if not torch.cuda.is_available():
         with pytest.raises(CqilError, match="no CUDA device"):
             parse_devices(["cpu", "cuda:0"], [0, 1])
+
+
+class _Pool:
+    """A stand-in for a CUDA graph memory pool: once the last graph captured into it is freed, the
+    allocator forgets it, and capturing into its handle fails (PyTorch's `use_count > 0` assertion)."""
+
+    def __init__(self):
+        self.graphs, self.used = 0, False
+
+
+class _Graph:
+    """A stand-in torch.cuda.CUDAGraph that keeps its pool's use count."""
+
+    captures: list = []
+
+    def capture_begin(self, pool=None, capture_error_mode=None):
+        if pool.used and pool.graphs == 0:
+            raise RuntimeError("Expected use_count > 0 (the pool's last graph was freed)")
+        pool.graphs, pool.used, self.pool = pool.graphs + 1, True, pool
+        _Graph.captures.append(pool)
+
+    def capture_end(self):
+        pass
+
+    def __del__(self):
+        if hasattr(self, "pool"):
+            self.pool.graphs -= 1
+
+
+def test_graphs_take_a_fresh_pool_after_the_cache_grows(engine_p1, monkeypatch):
+    """Capacity growth drops a cache's graphs (they read the old buffers); recapturing into the
+    dropped graphs' pool would fail and silently leave decode without graphs for good."""
+    import cqil.runtime.backends.torch_backend as tb
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _Graph)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", _Pool)
+    monkeypatch.setattr(tb._Graph, "__call__", lambda self, args: self.gm(*args))  # "replay": run it
+    _Graph.captures = []
+    tch = cqil.load(engine_p1, backend="torch", devices="cpu", decode="static")
+    rank = tch.runners[0]
+    rank.decode = "graph"
+    want = cqil.load(engine_p1, threads=1).generate(IDS, max_new_tokens=90)
+    gen = tch.generator(IDS, max_new_tokens=90)  # 5 + 90 positions: the buffers grow from 64 to 128
+    while not gen.done:
+        gen.next_tokens()
+    assert rank.graph_error is None and rank.decode == "graph"
+    assert gen.cache[0].capacity == 128 and gen.cache[0].graphs
+    assert len(_Graph.captures) == 2 and _Graph.captures[0] is not _Graph.captures[1]  # a new pool after growth
+    assert gen.tokens == want
 
 
 def test_cpu_ranks_use_plain_collectives(engine_p2):

@@ -56,8 +56,8 @@ def record(work: Path) -> dict:
 
     plans = {}
     for name, options in PLANS.items():
-        engine_dir = cqil.compile(FIXTURE, work / name, max_seq_len=128, progress=False, log=lambda m: None,
-                                  **options)
+        engine_dir = cqil.compile(FIXTURE, work / name, max_seq_len=128, dtype="float32", progress=False,
+                                  log=lambda m: None, **options)
         files = json.loads((engine_dir / "manifest.json").read_text())["files"]
         with cqil.load(engine_dir, threads=1) as engine:
             logits = engine.logits(PROMPTS)  # [2, T, V] float32

@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("model", help="local HuggingFace checkpoint folder")
     add_plan_flags(parser)
     parser.add_argument("-o", "--output", help="engine directory to write")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                        help="weight and activation dtype of the engine (default float32)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weight and activation dtype of the engine (default auto: the checkpoint's torch_dtype, "
+                             "float32 when it gives none)")
     parser.add_argument("--max-seq-len", type=int, help="longest prompt + generation (default: max_position_embeddings)")
     parser.add_argument("--adapter", help="LoRA adapter folder (cqil-finetune) to merge before export")
     parser.add_argument("--allow-plan-mismatch", action="store_true",

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from cqil.compiler.destination import Destination
-from cqil.compiler.pipeline import CompileOptions, write_engine
+from cqil.compiler.pipeline import ENGINE_DTYPES, CompileOptions, write_engine
 from cqil.errors import CqilError
 from cqil.exporters.manifest import write_manifest
 from cqil.model.config import ModelConfig
@@ -24,14 +24,15 @@ from cqil.plan import Plan, check_parallel, resolve_plan
 
 def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = None, end: int | None = None,
                   bypass: int | None = None, semantics: str | None = None, replicate_outer: bool = False,
-                  plan: Plan | None = None, plan_source: str = "given", dtype: str = "float32", max_seq_len: int | None = None,
+                  plan: Plan | None = None, plan_source: str = "given", dtype: str = "auto", max_seq_len: int | None = None,
                   force: bool = False, adapter=None, allow_plan_mismatch: bool = False,
                   max_segment_bytes: int | None = MAX_SEGMENT_BYTES, progress: bool = True, log=print,
                   formats=("onnx",), max_batch: int = 8) -> Path:
     """Compile `model_dir` into the engine directory `out_dir`; returns its path.
 
     The plan is `plan` (found in `plan_source`, for the log), or the one the plan keywords describe
-    (as the CLI's flags). `max_segment_bytes`
+    (as the CLI's flags). `dtype` "auto" is the checkpoint's `torch_dtype` (float32 when it has
+    none, or one engines do not take). `max_segment_bytes`
     caps the weights of one exported segment (None: cut at collectives only); with streaming, about
     this much weight is in memory at a time, times the exporter's copies.
     """
@@ -39,6 +40,8 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     cfg = ModelConfig.from_dir(model_dir)
     dest = Destination(out_dir, model_dir, force)
+    if dtype == "auto":  # as vLLM and TensorRT-LLM do: the checkpoint's own dtype
+        dtype = cfg.torch_dtype if cfg.torch_dtype in ENGINE_DTYPES else "float32"
     options = CompileOptions(dtype=dtype, max_seq_len=cfg.max_position_embeddings if max_seq_len is None else max_seq_len,
                              formats=formats, max_segment_bytes=max_segment_bytes, adapter=adapter,
                              allow_plan_mismatch=allow_plan_mismatch, max_batch=max_batch)

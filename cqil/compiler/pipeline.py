@@ -24,7 +24,8 @@ from cqil.passes import build_graph
 from cqil.passes.partition import MAX_SEGMENT_BYTES, partition
 from cqil.plan import Plan
 
-FORMATS = ("onnx", "torch", "tensorrt")  # onnx always: tensor specs and the TensorRT build come from it
+FORMATS = ("onnx", "torch", "tensorrt")
+ENGINE_DTYPES = ("float32", "float16", "bfloat16")  # onnx always: tensor specs and the TensorRT build come from it
 
 
 def check_formats(formats) -> tuple[str, ...]:

@@ -2,28 +2,30 @@
 
     cqil-compile MODEL --p 2 -o ENGINE --backend tensorrt [--dtype float16] [--max-batch 8]
 
-Per segment: `trt.OnnxParser` fills a network from the segment's ONNX file, the builder config gets
-the precision flag of `--dtype` (FP16 / BF16; float32 sets none) and one optimization profile, and
-`build_serialized_network` writes the serialized engine. One timing cache is shared by every segment (layers of
-the same shape are timed once) and saved as `timing.cache` in the engine directory.
+Per segment: `trt.OnnxParser` fills a network from the segment's ONNX file and
+`build_serialized_network` writes the serialized engine. One timing cache is shared by every
+segment (layers of the same shape are timed once) and saved as `timing.cache`.
 
-The profile comes from the manifest's dynamic axis names (`profile_axes`):
+Precision: networks are **strongly typed** by default: every tensor keeps the type the ONNX file
+gives it, so the fp32 mask-add and softmax stay fp32 in an fp16 engine (with weak typing and the
+FP16 flag TensorRT may run them in fp16, where -65504 + a score overflows to -inf and left-padded
+rows turn NaN), and no precision flag is needed (TensorRT 11 removed `BuilderFlag.FP16`/`BF16`).
+`strongly_typed=False` builds the old way, with the dtype's flag, on TensorRT releases that have it.
 
-    batch           1 .. max_batch                    opt 1
-    sequence        1 .. max_seq_len                  opt 1          (decode is the hot path)
-    past_sequence   0 .. max_seq_len - 1              opt max_seq_len // 2
-    total_sequence  1 .. 2 * max_seq_len - 1          opt past opt + 1
+Optimization profiles, from the manifest's dynamic axis names (`profiles`): TensorRT sizes each
+context's activation memory for the largest shapes of its profiles, and a profile must hold
+`total_sequence = past_sequence + sequence` at its min, opt and max. One box covering every step
+would need total up to 2 * max_seq_len - 1; three profiles keep every total within max_seq_len:
 
-`total_sequence` = `past_sequence` + `sequence` must hold at each of min / opt / max, or TensorRT
-finds the profile inconsistent (a concat of past and new keys feeds an add with the mask): its max
-is therefore the sum of the two maxima, although the runtime never exceeds max_seq_len.
+    decode   sequence 1                 past 0 .. max_seq_len - 1     total 1 .. max_seq_len
+    prefill  sequence 1 .. max_seq_len  past 0                        total 1 .. max_seq_len
+    chunk    sequence 1 .. max_seq_len/2  past 0 .. max_seq_len/2     total 1 .. max_seq_len
 
-TensorRT engines only load under the TensorRT version and on the GPU (compute capability) that built them; the
-manifest's `tensorrt` record says which, and `check_engine_compatibility` refuses the rest.
+(batch 1 .. max_batch everywhere). The runtime picks the first profile a step fits; a step of
+several tokens after more than max_seq_len/2 positions fits none and is refused.
 
-Precision: with weak typing (the default) the FP16/BF16 flag lets TensorRT choose reduced precision
-per layer, which may include the softmax that the ONNX graph computes in float32;
-`strongly_typed=True` instead keeps every ONNX type (and sets no precision flag).
+TensorRT engines only load under the TensorRT version and on the GPU (compute capability) that built
+them; the manifest's `tensorrt` record says which, and `check_engine_compatibility` refuses the rest.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from cqil.errors import CqilError
 ENGINE_SUFFIX = ".engine"
 TIMING_CACHE = "timing.cache"
 PRECISION_FLAGS = {"float32": (), "float16": ("FP16",), "bfloat16": ("BF16",)}
+PROFILES = ("decode", "prefill", "chunk")
 
 
 def require_tensorrt():
@@ -47,17 +50,31 @@ def require_tensorrt():
     return tensorrt
 
 
-def profile_axes(max_batch: int, max_seq_len: int) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of each named dynamic axis; see the module docstring."""
+def profiles(max_batch: int, max_seq_len: int) -> dict[str, dict[str, tuple[int, int, int]]]:
+    """Profile name -> (min, opt, max) of each named dynamic axis; see the module docstring."""
     if max_batch < 1 or max_seq_len < 1:
         raise CqilError(f"tensorrt: max_batch ({max_batch}) and max_seq_len ({max_seq_len}) must be positive")
-    past_opt = max_seq_len // 2 if max_seq_len > 1 else 0
+    L, half = max_seq_len, max(max_seq_len // 2, 1)
+    past_opt = L // 2
+    batch = (1, 1, max_batch)
     return {
-        "batch": (1, 1, max_batch),
-        "sequence": (1, 1, max_seq_len),
-        "past_sequence": (0, past_opt, max_seq_len - 1),
-        "total_sequence": (1, past_opt + 1, 2 * max_seq_len - 1),
+        "decode": {"batch": batch, "sequence": (1, 1, 1), "past_sequence": (0, past_opt, L - 1),
+                   "total_sequence": (1, past_opt + 1, L)},
+        "prefill": {"batch": batch, "sequence": (1, min(128, L), L), "past_sequence": (0, 0, 0),
+                    "total_sequence": (1, min(128, L), L)},
+        "chunk": {"batch": batch, "sequence": (1, 1, half), "past_sequence": (0, 0, L - half),
+                  "total_sequence": (1, 1, L)},
     }
+
+
+def profile_for(profile_axes: dict[str, dict], batch: int, sequence: int, past: int) -> int | None:
+    """Index of the first profile whose ranges hold this step, or None."""
+    step = {"batch": batch, "sequence": sequence, "past_sequence": past, "total_sequence": past + sequence}
+    for i, name in enumerate(PROFILES):
+        axes = profile_axes[name]
+        if all(axes[k][0] <= v <= axes[k][2] for k, v in step.items()):
+            return i
+    return None
 
 
 def input_profile(inputs: list[dict], axes: dict[str, tuple[int, int, int]]) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -106,7 +123,7 @@ def check_engine_compatibility(record: dict | None, trt_version: str, compute_ca
 
 
 def build_engines(engine_dir: Path, records: dict[int, list[dict]], dtype: str, max_batch: int, max_seq_len: int,
-                device: int = 0, strongly_typed: bool = False, workspace_bytes: int | None = None,
+                device: int = 0, strongly_typed: bool = True, workspace_bytes: int | None = None,
                 log=print) -> tuple[dict, list[str]]:
     """Build `rank{r}/seg{i}.engine` for every segment record (adds its "tensorrt_engine" key).
 
@@ -122,7 +139,7 @@ def build_engines(engine_dir: Path, records: dict[int, list[dict]], dtype: str, 
     torch.cuda.set_device(device)  # the builder uses the current device
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    axes = profile_axes(max_batch, max_seq_len)
+    axes = profiles(max_batch, max_seq_len)
     flags = () if strongly_typed else PRECISION_FLAGS[dtype]
     cache_path = engine_dir / TIMING_CACHE
     cache_config = builder.create_builder_config()
@@ -131,8 +148,9 @@ def build_engines(engine_dir: Path, records: dict[int, list[dict]], dtype: str, 
     for rank, recs in records.items():
         for rec in recs:
             onnx_path = engine_dir / rec["files"][0]
-            serialized = _build_one(trt, builder, logger, onnx_path, rec, input_profile(rec["inputs"], axes), flags,
-                              cache, strongly_typed, workspace_bytes)
+            shapes = [input_profile(rec["inputs"], axes[name]) for name in PROFILES]
+            serialized = _build_one(trt, builder, logger, onnx_path, rec, shapes, flags, cache, strongly_typed,
+                                    workspace_bytes)
             rel = f"rank{rank}/{rec['name']}{ENGINE_SUFFIX}"
             (engine_dir / rel).write_bytes(serialized)
             rec["tensorrt_engine"] = rel
@@ -147,13 +165,13 @@ def build_engines(engine_dir: Path, records: dict[int, list[dict]], dtype: str, 
         "precision_flags": list(flags),
         "strongly_typed": strongly_typed,
         "max_batch": max_batch,
-        "profile_axes": {k: list(v) for k, v in axes.items()},
+        "profiles": {name: {k: list(v) for k, v in ax.items()} for name, ax in axes.items()},
         "timing_cache": TIMING_CACHE,
     }
     return record, files
 
 
-def _build_one(trt, builder, logger, onnx_path: Path, rec: dict, profile: dict, flags, cache, strongly_typed,
+def _build_one(trt, builder, logger, onnx_path: Path, rec: dict, shapes: list[dict], flags, cache, strongly_typed,
                workspace_bytes) -> bytes:
     network_flags = 0
     if strongly_typed:
@@ -166,20 +184,22 @@ def _build_one(trt, builder, logger, onnx_path: Path, rec: dict, profile: dict, 
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise CqilError(f"tensorrt: cannot parse {onnx_path.name} of {rec['name']}: {errors}")
     names = [network.get_input(i).name for i in range(network.num_inputs)]
-    if sorted(names) != sorted(profile):
-        raise CqilError(f"tensorrt: {onnx_path.name} has inputs {names}, the manifest lists {sorted(profile)}")
+    if sorted(names) != sorted(shapes[0]):
+        raise CqilError(f"tensorrt: {onnx_path.name} has inputs {names}, the manifest lists {sorted(shapes[0])}")
     config = builder.create_builder_config()
     for flag in flags:
         if not hasattr(trt.BuilderFlag, flag):
-            raise CqilError(f"tensorrt: this TensorRT ({trt.__version__}) has no {flag} builder flag")
+            raise CqilError(f"tensorrt: this TensorRT ({trt.__version__}) has no {flag} builder flag; build "
+                            f"strongly typed (the default)")
         config.set_flag(getattr(trt.BuilderFlag, flag))
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     config.set_timing_cache(cache, ignore_mismatch=False)
-    opt = builder.create_optimization_profile()
-    for name, (lo, mid, hi) in profile.items():
-        opt.set_shape(name, lo, mid, hi)
-    config.add_optimization_profile(opt)
+    for profile in shapes:  # in PROFILES order: the runtime selects them by index
+        opt = builder.create_optimization_profile()
+        for name, (lo, mid, hi) in profile.items():
+            opt.set_shape(name, lo, mid, hi)
+        config.add_optimization_profile(opt)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise CqilError(f"tensorrt: building the engine of {onnx_path} failed (see TensorRT's log above)")

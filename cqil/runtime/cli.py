@@ -15,6 +15,7 @@ import sys
 
 from cqil.cli_util import ArgumentParser, run_main
 from cqil.errors import CqilError
+from cqil.runtime.backends import add_backend_flags, backend_options
 from cqil.runtime.textio import StdoutStream, add_generation_flags, print_result, prompt_of, sampling_of
 
 
@@ -22,6 +23,7 @@ def run_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="cqil-run", description="Generate text with a compiled CQIL engine.")
     parser.add_argument("engine", help="engine directory (cqil-compile -o)")
     add_generation_flags(parser)
+    add_backend_flags(parser)
     parser.add_argument("--launcher", choices=["threads", "torchrun"], default="threads",
                         help="threads: every rank in this process (default); torchrun: one process per rank")
     parser.add_argument("--timeout", type=float, default=600.0,
@@ -54,8 +56,8 @@ def run_cli(argv=None) -> int:
         raise CqilError(f"--timeout must be > 0 seconds, got {args.timeout}")
     if args.launcher == "torchrun":
         return _torchrun(args, argv)
-    with load(args.engine, threads=args.threads, verify=not args.no_verify,
-              collective_timeout=args.timeout) as engine:
+    with load(args.engine, threads=args.threads, verify=not args.no_verify, collective_timeout=args.timeout,
+              **backend_options(args)) as engine:
         tokenizer, ids, eos = prompt_of(engine, args)
         stream = StdoutStream(tokenizer) if not args.json else None
         out = engine.generate([ids], eos_token_id=eos, streamer=stream, **sampling_of(args))

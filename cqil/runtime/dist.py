@@ -50,12 +50,18 @@ class DistCollectives:
     - `init_method`: torch.distributed's rendezvous URL: "env://" (torchrun; MASTER_ADDR/PORT)
       or "tcp://host:port"
     - `timeout`: seconds for the rendezvous and for every collective (default 600)
-    - `device`: "cpu" (gloo, default) or "cuda:N" (NCCL; values are copied to and from it)
+    - `device`: "cpu" (gloo, default) or "cuda:N" (NCCL, bound to that device); numpy values are
+      staged through it, torch tensors already on it are used in place
     - `heartbeat`: seconds between liveness records (only used with more than two ranks)
+    - `watchdog`: our own deadline on every collective (default: with NCCL). NCCL enforces its
+      timeout by aborting the process from its watchdog thread, so no exception would ever reach
+      the diagnosis: cqil's watchdog fires first (NCCL's timeout is set a minute later), names the
+      rank that stopped, and calls `on_hang(message)` (default: print it and exit with status 1)
     """
 
     def __init__(self, rank: int, world_size: int, init_method: str = "env://", timeout: float = 600.0,
-                 device: str = "cpu", backend: str | None = None, heartbeat: float = 1.0):
+                 device: str = "cpu", backend: str | None = None, heartbeat: float = 1.0,
+                 watchdog: bool | None = None, on_hang=None):
         import torch
         import torch.distributed as dist
 
@@ -70,12 +76,19 @@ class DistCollectives:
         self._torch, self._dist = torch, dist
         # torch >= 2.13 renames all_gather_into_tensor (same semantics; the old name warns)
         self._all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        self.watchdog = self.backend == "nccl" if watchdog is None else watchdog
+        self._on_hang = on_hang or _exit_with
+        self._inflight: tuple[str, int, float] | None = None  # (what, seq, start) of the collective under way
+        device_id = None
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            device_id = self.device
         td = timedelta(seconds=self.timeout)
+        group_td = timedelta(seconds=self.timeout + (60 if self.watchdog else 0))
         try:
             self.store, _, _ = next(dist.rendezvous(init_method, rank=rank, world_size=world_size, timeout=td))
-            dist.init_process_group(self.backend, store=self.store, rank=rank, world_size=world_size, timeout=td)
+            dist.init_process_group(self.backend, store=self.store, rank=rank, world_size=world_size,
+                                    timeout=group_td, device_id=device_id)
         except (RuntimeError, ValueError) as e:  # DistStoreError, DistNetworkError are RuntimeErrors
             raise CqilError(f"rank {rank}: rendezvous of {world_size} processes at {init_method} failed within "
                             f"{self.timeout:g} s ({_gloo_line(e)}); did every rank start, with the same "
@@ -83,7 +96,7 @@ class DistCollectives:
         self._interval = max(0.05, min(heartbeat, self.timeout / 10))
         self._stop = threading.Event()
         self._beat_thread = None
-        if world_size > 2:
+        if world_size > 2 or self.watchdog:
             self._beat_thread = threading.Thread(target=self._beat, name=f"cqil-heartbeat-{rank}", daemon=True)
             self._beat_thread.start()
 
@@ -139,27 +152,35 @@ class DistCollectives:
 
     # -- transport ----------------------------------------------------------------------------
 
-    def _gather(self, what: str, value) -> np.ndarray:
-        """Every rank's `value`, stacked in rank order: [world_size, *value.shape]."""
-        value = np.ascontiguousarray(value)
-        out = np.empty((self.world_size, *value.shape), value.dtype)
+    def _gather(self, what: str, value):
+        """Every rank's `value`, stacked in rank order: [world_size, *value.shape]; torch tensors
+        on this process's device stay there, anything else comes back as numpy."""
         torch = self._torch
-        send = torch.from_numpy(value.reshape(-1))  # flat: the gather concatenates along dim 0
+        on_device = isinstance(value, torch.Tensor) and value.device == self.device and self.device.type != "cpu"
+        send = value.contiguous() if on_device else torch.from_numpy(np.ascontiguousarray(value))
+        shape = (self.world_size, *send.shape)
         if self.device.type == "cpu":
-            recv = torch.from_numpy(out.reshape(-1))
+            out = np.empty(shape, send.numpy().dtype)
             with self._guard(what):
-                self._all_gather(recv, send)
+                self._all_gather(torch.from_numpy(out.reshape(-1)), send.reshape(-1))
             return out
-        recv = torch.empty(out.size, dtype=send.dtype, device=self.device)
+        recv = torch.empty(send.numel() * self.world_size, dtype=send.dtype, device=self.device)
         with self._guard(what):
-            self._all_gather(recv, send.to(self.device))
-            return recv.cpu().numpy().reshape(out.shape)
+            self._all_gather(recv, send.reshape(-1).to(self.device))
+        recv = recv.reshape(shape)
+        return recv if on_device else recv.cpu().numpy()
 
-    def _broadcast(self, what: str, buffer) -> np.ndarray:
+    def _broadcast(self, what: str, buffer):
         if buffer is None:
             raise CqilError(f"rank {self.rank}: {what} needs a receive buffer (the engine sizes it from the manifest)")
+        torch = self._torch
+        if isinstance(buffer, torch.Tensor) and buffer.device == self.device and self.device.type != "cpu":
+            buffer = buffer.contiguous()
+            with self._guard(what):
+                self._dist.broadcast(buffer, src=0)
+            return buffer
         buffer = np.ascontiguousarray(buffer)
-        tensor = self._torch.from_numpy(buffer)
+        tensor = torch.from_numpy(buffer)
         with self._guard(what):
             if self.device.type == "cpu":
                 self._dist.broadcast(tensor, src=0)
@@ -174,23 +195,35 @@ class DistCollectives:
             raise PeerFailed(f"rank {self.rank}: {what} refused: an earlier collective failed ({self._broken}); "
                              f"relaunch all ranks")
         self._seq += 1
+        self._inflight = (what, self._seq, time.monotonic())
         try:
             yield
         except RuntimeError as e:  # gloo / NCCL errors, DistBackendError included
             self.failed_ranks, how = self._suspects()
             self._broken = f"rank {self.rank}: {what} (collective #{self._seq}) failed: {how} [{_gloo_line(e)}]"
             raise PeerFailed(self._broken) from e
+        finally:
+            self._inflight = None
 
     # -- liveness -----------------------------------------------------------------------------
 
     def _beat(self):
         beats = 0
         while True:
-            try:
-                self.store.set(f"{_KEY}alive/{self.rank}", f"{beats} {self._seq}")
-            except Exception:  # the store's host is gone: nothing left to report to
-                return
+            if self.world_size > 2:
+                try:
+                    self.store.set(f"{_KEY}alive/{self.rank}", f"{beats} {self._seq}")
+                except Exception:  # the store's host is gone: nothing left to report to
+                    return
             beats += 1
+            inflight = self._inflight
+            if self.watchdog and inflight and time.monotonic() - inflight[2] > self.timeout:
+                what, seq, _ = inflight
+                self.failed_ranks, how = self._suspects()
+                self._broken = f"rank {self.rank}: {what} (collective #{seq}) failed: {how} [no answer within " \
+                               f"{self.timeout:g} s]"
+                self._on_hang(self._broken)
+                return
             if self._stop.wait(self._interval):
                 return
 
@@ -225,6 +258,15 @@ class DistCollectives:
 
 def _names(ranks) -> str:
     return ", ".join(str(r) for r in ranks)
+
+
+def _exit_with(message: str):
+    """The watchdog's default: the one line, then exit at once (teardown would wait on the hung peer)."""
+    import os
+    import sys
+
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def _gloo_line(e: BaseException) -> str:

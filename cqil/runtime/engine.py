@@ -33,7 +33,7 @@ from cqil.model.tokenizer import load_tokenizer
 from cqil.runtime import backends
 from cqil.runtime.collectives import Abandoned
 from cqil.runtime.generator import Generator, left_pad, positions_of
-from cqil.runtime.spec import NUMPY_DTYPES, EngineSpec
+from cqil.runtime.spec import EngineSpec
 
 
 def load(engine_dir, **options) -> "Engine":
@@ -170,12 +170,13 @@ class Engine:
                 env[step.outputs[0]] = result
         return env
 
-    def _buffer(self, rank: int, name: str, env: dict) -> np.ndarray:
-        """An empty array shaped like tensor `name` of this step (from its manifest record)."""
+    def _buffer(self, rank: int, name: str, env: dict):
+        """An empty value shaped like tensor `name` of this step (from its manifest record), for a
+        broadcast to receive into from another process."""
         rec = self.spec.tensor(rank, name)
         (B, T), total = env["input_ids"].shape, env["attention_mask"].shape[1]
         dims = {"batch": B, "sequence": T, "total_sequence": total, "past_sequence": total - T}
-        return np.empty([dims.get(d, d) for d in rec["shape"]], NUMPY_DTYPES[rec["dtype"]])
+        return self.runners[rank].empty([dims.get(d, d) for d in rec["shape"]], rec["dtype"])
 
     def forward(self, input_ids, attention_mask, position_ids, cache) -> np.ndarray | None:
         """One step for every rank; extends `cache` (from `new_cache`); returns logits [B, T, V]

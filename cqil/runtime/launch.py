@@ -44,6 +44,7 @@ from pathlib import Path
 from cqil.cli_util import ArgumentParser, run_main
 from cqil.errors import CqilError
 from cqil.exporters.manifest import read_manifest, verify_files
+from cqil.runtime.backends import add_backend_flags
 from cqil.runtime.textio import StdoutStream, add_generation_flags, print_result, prompt_of, sampling_of
 
 PROG = "cqil-launch"
@@ -167,6 +168,7 @@ def parser():
                        description="Generate with a compiled CQIL engine, one process per rank (launched by torchrun).")
     p.add_argument("engine", help="engine directory (cqil-compile -o)")
     add_generation_flags(p)  # cqil-run's flags, so that cqil-run can hand its arguments over unchanged
+    add_backend_flags(p)
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds for the rendezvous and for each collective before a rank is declared "
                         "stopped (default 600)")
@@ -218,19 +220,57 @@ def main(argv=None, env=os.environ, hooks=None) -> int:
                         f"N x --nproc-per-node = {p})")
     if not args.no_verify:
         verify_rank_files(engine_dir, manifest, rank)
-    collectives = DistCollectives(rank, world, timeout=args.timeout)
+    device = rank_device(args.devices, int(env.get("LOCAL_RANK", rank)), local_world)
+    prog = f"{PROG}[rank {rank}]"
+    collectives = DistCollectives(rank, world, timeout=args.timeout, device=device,
+                                  on_hang=lambda message: _exit_with(f"{prog}: error: {message}"))
     try:
-        return generate(args, rank, world, local_world, collectives, hooks)
+        return generate(args, rank, world, local_world, collectives, hooks, device)
     finally:
         collectives.close()
 
 
-def generate(args, rank: int, world: int, local_world: int, collectives, hooks=None) -> int:
+def rank_device(devices: str | None, local_rank: int, local_world: int) -> str:
+    """This process's device from --devices: "cpu", or its own GPU ("cuda" = GPU LOCAL_RANK; a
+    list gives one device per local rank). Collectives then use NCCL, which needs one GPU per rank."""
+    if devices is None or devices == "cpu":
+        return "cpu"
+    listed = [d.strip() for d in devices.split(",")]
+    if len(listed) > 1 and len(listed) != local_world:
+        raise CqilError(f"--devices lists {len(listed)} devices, this node runs {local_world} ranks: give one per "
+                        f"local rank, or --devices cuda")
+    if len(listed) == 1 and listed[0] == "cuda":
+        import torch
+
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise CqilError("--devices cuda: torch sees no CUDA device; use --devices cpu")
+        listed = [f"cuda:{i}" for i in range(local_world)]
+        if count < local_world:
+            listed = [f"cuda:{i % count}" for i in range(local_world)]
+    if any(d == "cpu" for d in listed):
+        raise CqilError(f"--devices {devices}: put every rank on a GPU, or all on the CPU")
+    shared = sorted({d for d in listed if listed.count(d) > 1})
+    if shared:
+        raise CqilError(f"--devices: local ranks would share {', '.join(shared)}, and NCCL cannot put two ranks on "
+                        f"one GPU; run them as threads of one process instead (cqil-run without --launcher "
+                        f"torchrun: ranks on one GPU get a stream each)")
+    return listed[local_rank]
+
+
+def _exit_with(line: str):
+    print(line, file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def generate(args, rank: int, world: int, local_world: int, collectives, hooks=None, device: str = "cpu") -> int:
     from cqil.runtime.engine import Engine
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, (args.threads or cores) // local_world)
-    engine = Engine(args.engine, threads=threads, verify=False, ranks=[rank], collectives=collectives)
+    options = {"devices": device} if device != "cpu" or args.devices else {}
+    engine = Engine(args.engine, threads=threads, verify=False, ranks=[rank], collectives=collectives,
+                    backend=args.backend, **options)
     if hooks is not None:
         hooks.opened(engine, rank, args)
     tokenizer, ids, eos = prompt_of(engine, args)

@@ -14,6 +14,7 @@ owns everything of its rank (sessions, device, stream, weights) and nothing of a
 
     runner.rank, runner.segments      {name: callable(env)} with inputs, outputs, weight_bytes
     runner.new_cache(batch)           a fresh KV cache of the rank (see cqil.runtime.kv_cache)
+    runner.empty(shape, dtype)        an uninitialised value of the rank's kind (numpy, device tensor)
     runner.close()                    release sessions, weights and device memory now
 
 Adding a backend is one module and one line in BACKENDS. An option the chosen backend does not
@@ -49,6 +50,8 @@ class RankRunner(Protocol):
     segments: dict[str, SegmentRunner]
 
     def new_cache(self, batch: int) -> KVCache: ...
+
+    def empty(self, shape, dtype: str): ...
 
     def close(self) -> None: ...
 
@@ -88,3 +91,18 @@ def open_ranks(name: str, spec, ranks: list[int], threads: Callable[[int, dict],
 
 def local_collectives(name: str, runners: dict[int, RankRunner], timeout: float | None):
     return backend(name).local_collectives(runners, timeout)
+
+
+def add_backend_flags(parser):
+    """--backend and --devices, as every command that runs an engine takes them."""
+    parser.add_argument("--backend", choices=sorted(BACKENDS), default="onnxruntime",
+                        help="how segments run (default onnxruntime; torch needs --formats onnx,torch at compile "
+                             "time, tensorrt --backend tensorrt)")
+    parser.add_argument("--devices", help="cpu, cuda (rank r on GPU r mod count: fewer GPUs than ranks share), or "
+                                          "one per rank: cuda:0,cuda:1 (default: cpu; the torch backend: cuda if "
+                                          "there is one)")
+
+
+def backend_options(args) -> dict:
+    """Engine keywords from --backend / --devices."""
+    return {"backend": args.backend, **({"devices": args.devices} if args.devices else {})}

@@ -1,39 +1,82 @@
-"""The ONNX Runtime backend: one InferenceSession per segment, numpy values, the ONNX KV cache form.
+"""The ONNX Runtime backend: one InferenceSession per segment, on the CPU or on a rank's CUDA device.
 
-    engine = cqil.load("engine_dir")                                  # CPUExecutionProvider
-    engine = cqil.load("engine_dir", providers=["CPUExecutionProvider"])
+    engine = cqil.load("engine_dir")                                        # CPU, numpy values
+    engine = cqil.load("engine_dir", devices="cuda")                        # rank r on cuda:{r % GPUs}
+    engine = cqil.load("engine_dir", devices=["cuda:0", "cuda:1"], tensorrt_ep=True)
 
-Options: `providers` (ONNX Runtime execution providers, default CPU). Thread pools: each session
-gets the intra-op threads the Engine assigns its segment; with several ranks in one process, idle
-pool threads do not spin (spinning pools steal the cores the other ranks compute on).
+Options: `devices` (cpu, cuda, or one per rank; see `cqil.runtime.backends.device.parse_devices`),
+`io_binding` (default on), `tensorrt_ep` (CUDA: put ONNX Runtime's TensorRT execution provider
+before its CUDA one).
+
+IO binding: every output is allocated by cqil at the shape the manifest gives (its named axes
+filled in from the step) and bound before the run, so ONNX Runtime writes straight into it; inputs
+are bound where they lie. On the CPU values are numpy arrays; bit for bit the same as
+`session.run`, minus a copy of every output. On CUDA values are torch tensors on the rank's
+device: the sessions run on the rank's torch stream (`user_compute_stream`), activations and the
+KV cache stay on the device between steps and segments, and collectives between the rank threads
+are device-to-device (`DeviceCollectives`). Without a CUDA torch (an onnxruntime-gpu next to a
+CPU-only torch) values stay numpy: outputs are bound to host memory and collectives run on the host.
+
+Thread pools: each session gets the intra-op threads the Engine assigns its segment; with several
+ranks in one process, idle pool threads do not spin (spinning pools steal the cores the other
+ranks compute on).
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
 from cqil.errors import CqilError, first_line
 from cqil.runtime.collectives import LocalCollectives
 from cqil.runtime.kv_cache import ConcatCache
+from cqil.runtime.spec import NUMPY_DTYPES
 
-OPTIONS = frozenset({"providers"})
+OPTIONS = frozenset({"devices", "io_binding", "tensorrt_ep"})
+GPU_EXTRA = "pip install -e '.[gpu]' (onnxruntime-gpu)"
+
+
+def step_dims(env: dict) -> dict[str, int]:
+    """The named axes' sizes in this step."""
+    (B, T), total = env["input_ids"].shape, env["attention_mask"].shape[1]
+    return {"batch": B, "sequence": T, "past_sequence": total - T, "total_sequence": total}
 
 
 class OrtSegment:
-    def __init__(self, session, file: str, inputs: list[str], outputs: list[str], weight_bytes: int):
-        self.session, self.file = session, file
-        self.inputs, self.outputs, self.weight_bytes = inputs, outputs, weight_bytes
+    def __init__(self, rank, session, rec: dict):
+        self.rank, self.session, self.file = rank, session, rec["files"][0]
+        self.inputs = [t["name"] for t in rec["inputs"]]
+        self.outputs = [t["name"] for t in rec["outputs"]]
+        self.out_specs = [(t["name"], t["dtype"], t["shape"]) for t in rec["outputs"]]
+        self.weight_bytes = rec.get("weight_bytes", 0)
 
     def __call__(self, env: dict) -> None:
-        feeds = {n: env[n] for n in self.inputs}
+        r = self.rank
+        if not r.io_binding:
+            feeds = {n: env[n] for n in self.inputs}
+            env.update(zip(self.outputs, self._run(self.session.run, self.outputs, feeds)))
+            return
+        with r.on_stream():  # CUDA: conversions and allocations on the stream the session runs on
+            binding = self.session.io_binding()
+            for name in self.inputs:
+                r.bind_input(binding, name, env)
+            dims, outs = step_dims(env), {}
+            for name, dtype, shape in self.out_specs:
+                outs[name] = r.empty([dims.get(d, d) for d in shape], dtype)
+                r.bind_output(binding, name, outs[name])
+            self._run(self.session.run_with_iobinding, binding)
+            for name, value in outs.items():
+                env[name] = r.publish(name, value)
+
+    def _run(self, run, *args):
         try:
-            results = self.session.run(self.outputs, feeds)
+            return run(*args)
         except Exception as e:  # ONNX Runtime's Fail / InvalidArgument / RuntimeException: a damaged engine
             raise CqilError(f"engine: {self.file} failed: {first_line(e)}") from None
-        env.update(zip(self.outputs, results))
 
 
-def open_session(path, rec: dict, threads: int, spin: bool, providers=None) -> OrtSegment:
+def open_session(path, rec: dict, threads: int, spin: bool, providers) -> object:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -43,7 +86,7 @@ def open_session(path, rec: dict, threads: int, spin: bool, providers=None) -> O
     if not spin:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(path), opts, providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), opts, providers=providers)
     except Exception as e:
         raise CqilError(f"engine: cannot load {rec['files'][0]}: {first_line(e)}") from None
     want_in, want_out = [t["name"] for t in rec["inputs"]], [t["name"] for t in rec["outputs"]]
@@ -51,29 +94,174 @@ def open_session(path, rec: dict, threads: int, spin: bool, providers=None) -> O
     if sorted(got_in) != sorted(want_in) or sorted(got_out) != sorted(want_out):
         unknown = sorted(set(got_in + got_out) - set(want_in + want_out)) or sorted(set(want_in + want_out) - set(got_in + got_out))
         raise CqilError(f"engine: {rec['files'][0]} does not match the manifest: unknown tensor name(s) {unknown}")
-    return OrtSegment(session, rec["files"][0], want_in, want_out, rec.get("weight_bytes", 0))
+    return session
 
 
 class OrtRank:
-    def __init__(self, spec, rank: int, threads, ranks_in_process: int, providers=None):
-        self.rank = rank
+    """A rank on the CPU: numpy values."""
+
+    device_type, device_index = "cpu", 0
+
+    def __init__(self, spec, rank: int, threads, ranks_in_process: int, io_binding: bool = True):
+        self.rank, self.io_binding = rank, io_binding
         self.kv_layers = spec.kv_layers(rank)
-        cfg = spec.config
-        self._kv_shape, self._dtype = (cfg.num_kv_heads, 0, cfg.head_dim), spec.float_dtype
-        spin = ranks_in_process == 1
-        self.segments = {rec["name"]: open_session(spec.dir / rec["files"][0], rec, threads(rec), spin, providers)
-                         for rec in spec.segments(rank)}
+        self._kv_shape = (spec.config.num_kv_heads, 0, spec.config.head_dim)
+        self._kv_dtype = spec.float_dtype
+        self.segments = self._open(spec, threads, ranks_in_process == 1)
+
+    def providers(self) -> list:
+        return ["CPUExecutionProvider"]
+
+    def on_stream(self):
+        return contextlib.nullcontext()
+
+    def _open(self, spec, threads, spin: bool) -> dict[str, OrtSegment]:
+        providers = self.providers()
+        return {rec["name"]: OrtSegment(self, open_session(spec.dir / rec["files"][0], rec, threads(rec), spin,
+                                                           providers), rec)
+                for rec in spec.segments(self.rank)}
+
+    # -- values: numpy --------------------------------------------------------------------------
+
+    def empty(self, shape, dtype: str):
+        return np.empty(shape, NUMPY_DTYPES[dtype])
+
+    def bind_input(self, binding, name: str, env: dict):
+        value = env[name]
+        if not value.flags.c_contiguous:
+            env[name] = value = np.ascontiguousarray(value)
+        binding.bind_cpu_input(name, value)
+
+    def bind_output(self, binding, name: str, value: np.ndarray):
+        binding.bind_output(name, self.device_type, self.device_index, value.dtype, value.shape, value.ctypes.data)
+
+    def publish(self, name: str, value):
+        return value
 
     def new_cache(self, batch: int) -> ConcatCache:
-        return ConcatCache(self.kv_layers, np.zeros((batch, *self._kv_shape), self._dtype))
+        return ConcatCache(self.kv_layers, np.zeros((batch, *self._kv_shape), self._kv_dtype))
 
     def close(self):
         self.segments = {}  # sessions are freed with their last reference
 
 
-def open_rank(spec, rank: int, threads, ranks_in_process: int, providers=None) -> OrtRank:
-    return OrtRank(spec, rank, threads, ranks_in_process, providers)
+class OrtHostCudaRank(OrtRank):
+    """A rank whose sessions run on CUDA while torch has no CUDA: host values, ORT copies in and out."""
+
+    device_type = "cpu"
+
+    def __init__(self, spec, rank, threads, ranks_in_process, device_index: int, io_binding: bool = True,
+                 tensorrt_ep: bool = False):
+        self.cuda_index, self.tensorrt_ep = device_index, tensorrt_ep
+        super().__init__(spec, rank, threads, ranks_in_process, io_binding)
+
+    def providers(self) -> list:
+        return cuda_providers(self.cuda_index, self.tensorrt_ep)
+
+
+def cuda_providers(index: int, tensorrt_ep: bool, stream: int | None = None) -> list:
+    cuda = {"device_id": index}
+    if stream is not None:  # run on the rank's torch stream: ordered with its collectives' events
+        cuda.update(has_user_compute_stream="1", user_compute_stream=str(stream))
+    providers = [("CUDAExecutionProvider", cuda), "CPUExecutionProvider"]
+    if tensorrt_ep:
+        providers.insert(0, ("TensorrtExecutionProvider", {"device_id": index}))
+    return providers
+
+
+def _torch_rank_class():
+    """OrtRank with torch tensors on a CUDA device (defined on demand: the CPU path needs no torch)."""
+    import torch
+
+    from cqil.runtime.backends.device import DeviceRank
+
+    to_torch = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                "int64": torch.int64, "bool": torch.bool}
+    element_type = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64,
+                    torch.bool: np.bool_, torch.bfloat16: 16}  # 16 = onnx.TensorProto.BFLOAT16
+
+    class OrtCudaRank(DeviceRank, OrtRank):
+        device_type = "cuda"
+
+        def __init__(self, spec, rank, threads, ranks_in_process, device, io_binding=True, tensorrt_ep=False):
+            DeviceRank.__init__(self, rank, device, to_torch[spec.dtype])
+            self.device_index, self.tensorrt_ep = device.index, tensorrt_ep
+            self.io_binding = True  # device values need bound buffers
+            self.kv_layers = spec.kv_layers(rank)
+            self._kv_shape = (spec.config.num_kv_heads, 0, spec.config.head_dim)
+            self._dtypes = {t["name"]: to_torch[t["dtype"]] for rec in spec.segments(rank) for t in rec["inputs"]}
+            self._nowhere = None  # an address for 0-size tensors (made on first need)
+            self.segments = self._open(spec, threads, ranks_in_process == 1)
+
+        def providers(self) -> list:
+            return cuda_providers(self.device_index, self.tensorrt_ep, self.stream.cuda_stream)
+
+        def empty(self, shape, dtype: str):
+            return torch.empty(shape, dtype=to_torch[dtype], device=self.device)
+
+        def _address(self, t) -> int:
+            if t.numel():
+                return t.data_ptr()
+            if self._nowhere is None:
+                self._nowhere = torch.empty(256, dtype=torch.uint8, device=self.device)
+            return self._nowhere.data_ptr()
+
+        def bind_input(self, binding, name: str, env: dict):
+            t = self.tensor(env, name, self._dtypes[name])
+            if not t.is_contiguous():
+                env[name] = t = t.contiguous()
+            binding.bind_input(name, "cuda", self.device_index, element_type[t.dtype], tuple(t.shape), self._address(t))
+
+        def bind_output(self, binding, name: str, value):
+            binding.bind_output(name, "cuda", self.device_index, element_type[value.dtype], tuple(value.shape),
+                                self._address(value))
+
+        def new_cache(self, batch: int) -> ConcatCache:
+            return ConcatCache(self.kv_layers, torch.zeros((batch, *self._kv_shape), dtype=self.dtype, device=self.device))
+
+    return OrtCudaRank
+
+
+def open_rank(spec, rank: int, threads, ranks_in_process: int, devices=None, io_binding: bool = True,
+              tensorrt_ep: bool = False):
+    wanted = devices if isinstance(devices, str) else ",".join(map(str, devices or ["cpu"]))
+    if all(d.strip() == "cpu" for d in wanted.split(",")):
+        if tensorrt_ep:
+            raise CqilError("onnxruntime backend: tensorrt_ep needs CUDA devices (--devices cuda)")
+        return OrtRank(spec, rank, threads, ranks_in_process, io_binding)
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise CqilError(f"onnxruntime backend: this onnxruntime ({ort.__version__}) has no CUDA execution provider; "
+                        f"{GPU_EXTRA}, or use --backend torch")
+    if tensorrt_ep and "TensorrtExecutionProvider" not in ort.get_available_providers():
+        raise CqilError("onnxruntime backend: this onnxruntime has no TensorRT execution provider (it needs "
+                        "TensorRT's libraries on the library path)")
+    import torch
+
+    if not torch.cuda.is_available():  # host fallback: the device index is taken as written
+        index = _cuda_index(wanted, rank)
+        return OrtHostCudaRank(spec, rank, threads, ranks_in_process, index, io_binding, tensorrt_ep)
+    from cqil.runtime.backends.device import parse_devices
+
+    device = parse_devices(devices, spec.ranks)[rank]
+    return _torch_rank_class()(spec, rank, threads, ranks_in_process, device, io_binding, tensorrt_ep)
+
+
+def _cuda_index(devices: str, rank: int) -> int:
+    parts = [d.strip() for d in devices.split(",")]
+    d = parts[rank] if len(parts) > 1 else parts[0]
+    if d == "cuda":
+        return rank
+    if not d.startswith("cuda:") or not d[5:].isdigit():
+        raise CqilError(f"devices: {d!r} (rank {rank}) is not a device: use cpu, cuda or cuda:N")
+    return int(d[5:])
 
 
 def local_collectives(runners, timeout):
-    return LocalCollectives(len(runners), timeout=timeout)
+    ranks = list(runners.values())
+    if all(getattr(r, "stream", None) is None for r in ranks):  # numpy values: on the host
+        return LocalCollectives(len(ranks), timeout=timeout)
+    from cqil.runtime.backends.device_collectives import DeviceCollectives
+
+    return DeviceCollectives([r.device for r in ranks], [r.stream for r in ranks], timeout)

@@ -46,77 +46,11 @@ import torch
 from cqil.errors import CqilError, first_line
 from cqil.model.model import Attention
 from cqil.program import present_name
+from cqil.runtime.backends.device import DeviceRank, parse_devices
 
 OPTIONS = frozenset({"devices", "decode"})
 DECODE_MODES = ("auto", "eager", "static", "graph")
 _CAPTURE_LOCK = threading.Lock()  # one CUDA graph capture at a time in the process
-
-
-def parse_devices(devices, ranks: list[int]) -> dict[int, torch.device]:
-    """`None` (CUDA if available, else CPU), one device for all ranks, or one per rank.
-
-    A bare "cuda" spreads the ranks over the visible GPUs (rank r on cuda:{r % count}).
-    """
-    if devices is None:
-        devices = "cuda" if torch.cuda.is_available() else "cpu"
-    if isinstance(devices, (str, torch.device)):
-        devices = [devices] * (max(ranks) + 1)
-    devices = list(devices)
-    if len(devices) <= max(ranks):
-        raise CqilError(f"torch backend: {len(devices)} device(s) given, rank {max(ranks)} needs one (one per rank)")
-    out = {}
-    for r in ranks:
-        try:
-            d = torch.device(devices[r])
-        except (RuntimeError, TypeError) as e:
-            raise CqilError(f"torch backend: bad device {devices[r]!r} for rank {r} ({e})") from None
-        if d.type == "cuda":
-            if not torch.cuda.is_available():
-                raise CqilError(f"torch backend: rank {r} asks for {d}, but torch sees no CUDA device")
-            d = torch.device("cuda", r % torch.cuda.device_count() if d.index is None else d.index)
-            if d.index >= torch.cuda.device_count():
-                raise CqilError(f"torch backend: rank {r} asks for {d}, but only {torch.cuda.device_count()} "
-                                f"CUDA device(s) are visible")
-        elif d.type != "cpu":
-            raise CqilError(f"torch backend: device {d} is not supported (use cpu or cuda)")
-        out[r] = d
-    if len({d.type for d in out.values()}) > 1:
-        raise CqilError(f"torch backend: ranks mix CPU and CUDA devices ({[str(d) for d in out.values()]}); "
-                        f"put every rank on CUDA or every rank on CPU")
-    return out
-
-
-class DeviceRank:
-    """A rank's device and stream, and how its values move between numpy and torch.
-
-    Shared by the torch and TensorRT backends.
-    """
-
-    def __init__(self, rank: int, device: torch.device, dtype: torch.dtype):
-        self.rank, self.device, self.dtype = rank, device, dtype
-        self.stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
-
-    def on_stream(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-
-    def tensor(self, env: dict, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """env[name] as a tensor on this rank's device (converted once, then stored back)."""
-        value = env[name]
-        if isinstance(value, np.ndarray):
-            value = torch.from_numpy(np.ascontiguousarray(value))
-            if self.stream is not None and value.numel():
-                value = value.pin_memory()  # from pageable memory the driver may wait for the stream
-        if value.device != self.device or (dtype is not None and value.dtype != dtype):
-            value = value.to(self.device, dtype=dtype, non_blocking=True)
-        if env[name] is not value:
-            env[name] = value
-        return value
-
-    def publish(self, name: str, value: torch.Tensor):
-        """A segment output as the environment should hold it."""
-        if name == "logits":  # sampling runs on the host: the step's one synchronisation
-            return value.float().cpu().numpy()
-        return value
 
 
 @dataclass
@@ -233,6 +167,7 @@ class _Graph:
 
     def __init__(self, gm, args: list[torch.Tensor], keep: set[int], pool):
         # keep: argument positions whose tensors are already fixed (rank inputs, KV buffers)
+        self.gm = gm
         self.inputs = [a if i in keep else a.clone() for i, a in enumerate(args)]
         self.graph = torch.cuda.CUDAGraph()
         with _CAPTURE_LOCK:
