@@ -1,4 +1,4 @@
-"""`cqil-compile MODEL --p P [plan flags] (--dry-run [--json] | -o ENGINE_DIR)`."""
+"""`cqil-compile MODEL --p P [plan flags] (--dry-run [--json] [--estimate HW] | -o ENGINE_DIR)`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,9 @@ import sys
 import time
 
 from cqil.cli_util import ArgumentParser, add_plan_flags, plan_from_args, run_main
+from cqil.compiler.estimate import DEFAULT_CONTEXT, auto_candidates, estimate, format_candidates, format_estimate
+from cqil.compiler.hardware import NAMES as HARDWARE_NAMES
+from cqil.compiler.hardware import hardware
 from cqil.errors import CqilError
 from cqil.model.config import ModelConfig
 from cqil.model.loader import build_meta_model
@@ -70,12 +73,23 @@ def format_description(d: dict, model: str) -> str:
     return "\n".join(lines)
 
 
+def _p_value(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer or 'auto'") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="cqil-compile",
+        prog="cqil-compile", conflict_handler="resolve",  # resolve: --p is redefined below to take 'auto'
         description="Compile a LLaMA-family HuggingFace checkpoint into a CQIL engine directory.")
     parser.add_argument("model", help="local HuggingFace checkpoint folder")
     add_plan_flags(parser)
+    parser.add_argument("--p", type=_p_value, help="layers per group = number of ranks; 'auto' (with --estimate): "
+                                                   "the p with the best predicted latency")
     parser.add_argument("-o", "--output", help="engine directory to write")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="weight and activation dtype of the engine (default auto: the checkpoint's torch_dtype, "
@@ -98,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
     parser.add_argument("--json", action="store_true", help="with --dry-run: print one JSON object")
+    parser.add_argument("--estimate", metavar="HW", help="with --dry-run: predicted decode ms/token, sequential vs "
+                        f"the plan, on one of {', '.join(HARDWARE_NAMES)} (cpu: this machine, measured now)")
+    parser.add_argument("--estimate-batch", type=int, default=1, help="batch of the estimate (default 1)")
+    parser.add_argument("--estimate-context", type=int, default=DEFAULT_CONTEXT,
+                        help=f"tokens already in the KV cache for the estimate (default {DEFAULT_CONTEXT})")
     return parser
 
 
@@ -111,7 +130,20 @@ def _formats(args) -> tuple[str, ...]:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     cfg = ModelConfig.from_dir(args.model)
-    plan, source = plan_from_args(cfg, args)
+    hw = candidates = None
+    if args.estimate is not None or args.p == "auto":
+        if args.estimate is None:
+            raise CqilError("--p auto needs --estimate HW: it picks the p with the best predicted latency on HW")
+        if not args.dry_run:
+            raise CqilError("--estimate and --p auto go with --dry-run (they predict, they write nothing)")
+        hw = hardware(args.estimate)
+        est_kw = dict(batch=args.estimate_batch, context=args.estimate_context, dtype=args.dtype)
+    if args.p == "auto":
+        candidates = auto_candidates(cfg, hw, start=args.start, end=args.end, bypass=args.bypass,
+                                     semantics=args.bypass_semantics, replicate_outer=args.replicate_outer, **est_kw)
+        plan, source = candidates[0].plan, f"--p auto: {candidates[0].source}, best predicted on {hw.name}"
+    else:
+        plan, source = plan_from_args(cfg, args)
     if args.max_seq_len is not None and args.max_seq_len < 1:
         raise CqilError(f"--max-seq-len must be a positive integer, got {args.max_seq_len}")
     if not args.dry_run:
@@ -131,10 +163,23 @@ def main(argv=None) -> int:
     d = describe(cfg, plan, source)
     d["graph_nodes"] = len(gm.graph.nodes)
     d["trace_seconds"] = round(time.perf_counter() - t0, 3)
+    est = None
+    if hw is not None:
+        est = candidates[0].estimate if candidates else estimate(cfg, plan, hw, **est_kw)
+        d["estimate"] = est.to_dict()
+        if candidates:
+            d["estimate"]["candidates"] = [
+                {"p": c.plan.p, "start": c.plan.start, "end": c.plan.end, "bypass": c.plan.bypass,
+                 "depth": c.plan.depth, "source": c.source, "plan_ms": round(c.estimate.plan_ms, 4),
+                 "latency_reduction": round(c.estimate.latency_reduction, 4)} for c in candidates]
     if args.json:
         print(json.dumps(d))
     else:
         print(format_description(d, args.model))
+        if est is not None:
+            print(format_estimate(est))
+        if candidates:
+            print(format_candidates(candidates))
     return 0
 
 
