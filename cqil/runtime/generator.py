@@ -15,6 +15,20 @@ row emits an eos id it is finished: it keeps receiving `pad_token_id`, fed with 
 history stays prompt + generated + eos. `append_tokens` starts a new turn: every row is unfinished
 again and `max_new_tokens` counts anew.
 
+Every row samples on its own (`params`: a `SamplingParams` per row, see cqil.runtime.sampling): its
+own random generator, penalties over its own tokens, its own `max_tokens`, stop token ids and
+logprobs; `finish_reasons` says why each row ended ("stop" or "length").
+
+Continuous batching (cqil.serve drives it): rows join and leave between steps.
+
+    running.merge(Generator(engine, new_prompts, params=...))   # prefilled on their own, then joined
+    running.select(rows_still_running)                           # the others leave
+
+A joining batch is left-padded to the longer sequence axis (padding may then sit in the middle of
+a row's history, which the mask and the positions make harmless); leaving rows are sliced out of
+the KV caches and columns that became padding in every row are dropped from the front. A row thus
+gets exactly the tokens it gets alone (greedy), whatever joins or leaves beside it.
+
 A Generator owns its KV cache (one per rank), so any number of them may live on one engine; the
 engine serialises their steps (see `Engine`).
 """
@@ -24,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 
 from cqil.errors import CqilError
-from cqil.runtime.sampling import check_sampling, sample
+from cqil.runtime.sampling import SamplingParams, TokenLogprob, choose, legacy_params, logprobs_of
 
 
 def left_pad(input_ids, attention_mask, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,10 +111,21 @@ def positions_of(mask: np.ndarray) -> np.ndarray:
 
 
 class Generator:
+    """The decode state of a batch (see the module docstring).
+
+    Sampling is per row: `params` is one `SamplingParams` for every row or a list of one per row
+    (`max_tokens`, `stop_token_ids`, `ignore_eos`, `logprobs` and `seed` included); the older
+    keywords `do_sample`, `temperature`, `top_k`, `top_p`, `seed` describe one for every row.
+    `max_new_tokens` is the default of a row's `max_tokens`.
+    """
+
     def __init__(self, engine, input_ids, attention_mask=None, *, max_new_tokens: int | None = None,
                  eos_token_id=None, pad_token_id: int | None = None, do_sample: bool = False,
-                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None):
-        check_sampling(temperature, top_k, top_p)
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 params: SamplingParams | list[SamplingParams] | None = None):
+        legacy = legacy_params(do_sample, temperature, top_k, top_p, seed)
+        if params is not None and legacy != legacy_params():
+            raise CqilError("give the sampling as `params` or as do_sample/temperature/top_k/top_p/seed, not both")
         self.engine = engine
         ids, mask = engine.prepare(input_ids, attention_mask)
         if max_new_tokens is not None:
@@ -112,16 +137,20 @@ class Generator:
         self.max_new_tokens = max_new_tokens
         self.eos = sorted(set(np.atleast_1d(eos_token_id).tolist())) if eos_token_id is not None else []
         self.pad = pad_token_id if pad_token_id is not None else (min(self.eos) if self.eos else 0)
-        self.sampling = dict(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-        self.rng = np.random.default_rng(seed)
         self.batch = ids.shape[0]
+        self._rows = [_Row(p, engine, self.eos, max_new_tokens, offset)
+                      for p, offset in _per_row(legacy if params is None else params, self.batch)]
+        longest = max((r.limit for r in self._rows if r.limit is not None), default=0)
+        if ids.shape[1] + longest > engine.max_seq_len:
+            raise CqilError(f"prompt ({ids.shape[1]} positions) + max_tokens ({longest}) exceeds the engine's "
+                            f"max_seq_len {engine.max_seq_len}")
         self.cache = engine.new_cache(self.batch)
         self._ids = np.zeros((self.batch, 0), np.int64)  # every fed position, padding included
         self._mask = np.zeros((self.batch, 0), np.int64)
         self._pending: np.ndarray | None = None  # chosen tokens [B] not yet fed, and their mask
         self._pending_mask: np.ndarray | None = None
         self.finished = np.zeros(self.batch, bool)
-        self.new_tokens = 0
+        self.new_tokens = 0  # next_tokens calls in this turn
         self.logits: np.ndarray | None = None  # [B, V] after the last fed position; None on ranks != 0
         self._feed(ids, mask)
 
@@ -134,21 +163,28 @@ class Generator:
 
     @property
     def done(self) -> bool:
-        if self.finished.all():
-            return True
-        if self.max_new_tokens is not None and self.new_tokens >= self.max_new_tokens:
-            return True
-        return self.length >= self.engine.max_seq_len
+        return bool(self.finished.all()) or self.length >= self.engine.max_seq_len
 
     @property
     def tokens(self) -> list[list[int]]:
         """Per row: every real token so far (prompt, appended and generated), padding removed."""
-        rows = [self._ids[b, self._mask[b] == 1].tolist() for b in range(self.batch)]
-        if self._pending is not None:
-            for b in range(self.batch):
-                if self._pending_mask[b]:
-                    rows[b].append(int(self._pending[b]))
-        return rows
+        return [self._row_tokens(b) for b in range(self.batch)]
+
+    @property
+    def finish_reasons(self) -> list[str | None]:
+        """Per row: None while it runs, "stop" (an eos or stop token id, or `finish`), "length"."""
+        return [r.finish_reason for r in self._rows]
+
+    @property
+    def token_logprobs(self) -> list[TokenLogprob | None]:
+        """Per row: the logprobs of the token the last `next_tokens` chose, for rows that asked for them."""
+        return [r.logprob for r in self._rows]
+
+    def _row_tokens(self, b: int) -> list[int]:
+        row = self._ids[b, self._mask[b] == 1].tolist()
+        if self._pending is not None and self._pending_mask[b]:
+            row.append(int(self._pending[b]))
+        return row
 
     # -- steps --------------------------------------------------------------------------------
 
@@ -164,8 +200,8 @@ class Generator:
         self._mask = full
         self.logits = None if logits is None else logits[:, -1]
 
-    def _flush(self):
-        """Feed the chosen tokens, if any, to the model."""
+    def flush(self):
+        """Feed the chosen tokens, if any, to the model (next_tokens and append_tokens do it anyway)."""
         if self._pending is not None:
             pending, mask = self._pending, self._pending_mask
             self._pending = self._pending_mask = None
@@ -175,28 +211,59 @@ class Generator:
         """Choose the next token of every row (int64 [B]); finished rows get the pad id."""
         if self.done:
             raise CqilError("the generator is done: append tokens to continue")
-        self._flush()
+        self.flush()
         if self.logits is None and self.engine.has_logits:
             raise CqilError("no logits to choose from after a rewind: append tokens first")
+        live = ~self.finished
         # rank 0 chooses; with ranks in other processes, the collectives carry its choice to them
-        chosen = sample(self.logits, rng=self.rng, **self.sampling) if self.logits is not None else None
+        chosen = self._choose(live) if self.logits is not None else None
         token = np.where(self.finished, self.pad, self.engine.collectives.share_tokens(chosen, self.batch))
-        self._pending, self._pending_mask = token, (~self.finished).astype(np.int64)
-        if self.eos:
-            self.finished |= np.isin(token, self.eos)
+        self._pending, self._pending_mask = token, live.astype(np.int64)
+        for b in np.flatnonzero(live):
+            reason = self._rows[b].took(int(token[b]))
+            if reason:
+                self.finish([b], reason)
         self.new_tokens += 1
+        if self.length >= self.engine.max_seq_len:
+            self.finish(np.flatnonzero(~self.finished), "length")
         return token
 
-    def append_tokens(self, input_ids, attention_mask=None):
-        """Feed more tokens to every row (a new user turn); ragged rows are left-padded within the chunk."""
+    def _choose(self, live: np.ndarray) -> np.ndarray:
+        rows, logits = self._rows, self.logits
+        if all(r.params.plain_greedy for r in rows):
+            chosen = logits.argmax(-1).astype(np.int64)
+        else:
+            chosen = np.zeros(self.batch, np.int64)
+            for b in np.flatnonzero(live):
+                r = rows[b]
+                context = self._row_tokens(b) if r.params.repetition_penalty != 1 else ()
+                chosen[b] = choose(logits[b], r.params, context, r.output, r.rng)
+        for b, r in enumerate(rows):
+            r.logprob = (logprobs_of(logits[b], chosen[b], r.params.logprobs)
+                         if live[b] and r.params.logprobs is not None else None)
+        return chosen
+
+    def finish(self, rows, reason: str = "stop"):
+        """End these rows now (a stop string was seen, say): from the next step on they get padding."""
+        for b in rows:
+            if not self.finished[b]:
+                self.finished[b] = True
+                self._rows[b].finish_reason = reason
+
+    def append_tokens(self, input_ids, attention_mask=None, params=None):
+        """Feed more tokens to every row (a new user turn); ragged rows are left-padded within the chunk.
+        Every row runs again, with `params` (one, or one per row) if given, and counts its tokens anew."""
         ids, mask = left_pad(input_ids, attention_mask, self.engine.config.vocab_size)
         if ids.shape[0] != self.batch:
             raise CqilError(f"append_tokens: got {ids.shape[0]} row(s), the generator has {self.batch}")
+        rows = self._rows if params is None else [_Row(p, self.engine, self.eos, self.max_new_tokens, offset)
+                                                  for p, offset in _per_row(params, self.batch)]
         if self._pending is not None:
             ids = np.concatenate([self._pending[:, None], ids], axis=1)
             mask = np.concatenate([self._pending_mask[:, None], mask], axis=1)
             self._pending = self._pending_mask = None
         self._feed(ids, mask)
+        self._rows = [r.new_turn() for r in rows]
         self.finished[:] = False
         self.new_tokens = 0
 
@@ -212,3 +279,95 @@ class Generator:
             for cache in self.cache.values():
                 cache.rewind(n)
             self.logits = None
+
+    # -- continuous batching: rows join and leave at a step boundary ----------------------------
+
+    def merge(self, other: "Generator"):
+        """Take `other`'s rows (its prompts already fed) into this batch, after this one's rows.
+
+        Both feed their chosen tokens first, so the merged batch has logits for every row and chooses
+        next. The shorter sequence axis is left-padded (mask 0; positions count real tokens only, so
+        a row's outputs do not change). `other` is used up. Ranks in one process only."""
+        if other is self or other.engine is not self.engine:
+            raise CqilError("merge: the other generator must be another one on the same engine")
+        self.flush()
+        other.flush()
+        if self.engine.has_logits and (self.logits is None or other.logits is None):
+            raise CqilError("merge: a generator after a rewind has no logits: append tokens first")
+        width = max(self._mask.shape[1], other._mask.shape[1])
+        ids, mask = [], []
+        for g in (self, other):
+            pad = width - g._mask.shape[1]
+            ids.append(np.pad(g._ids, ((0, 0), (pad, 0))))
+            mask.append(np.pad(g._mask, ((0, 0), (pad, 0))))
+        for rank, cache in self.cache.items():
+            cache.merge(other.cache[rank])
+        self._ids, self._mask = np.concatenate(ids), np.concatenate(mask)
+        if self.logits is not None:
+            self.logits = np.concatenate([self.logits, other.logits])
+        self.finished = np.concatenate([self.finished, other.finished])
+        self._rows += other._rows
+        self.batch += other.batch
+        other.cache, other._rows, other.batch = {}, [], 0
+
+    def select(self, rows):
+        """Keep only these rows, in this order (finished rows leave the batch); columns that are
+        padding in every remaining row are dropped from the front of the sequence axis."""
+        rows = [int(b) for b in rows]
+        if not rows or any(not 0 <= b < self.batch for b in rows):
+            raise CqilError(f"select: rows must be a non-empty list of row numbers below {self.batch}, got {rows}")
+        for cache in self.cache.values():
+            cache.select(rows)
+        self._ids, self._mask = self._ids[rows], self._mask[rows]
+        if self._pending is not None:
+            self._pending, self._pending_mask = self._pending[rows], self._pending_mask[rows]
+        if self.logits is not None:
+            self.logits = self.logits[rows]
+        self.finished = self.finished[rows]
+        self._rows = [self._rows[b] for b in rows]
+        self.batch = len(rows)
+        empty = int(np.argmax(self._mask.any(axis=0))) if self._mask.any() else self._mask.shape[1]
+        if empty:
+            for cache in self.cache.values():
+                cache.drop_front(empty)
+            self._ids, self._mask = self._ids[:, empty:], self._mask[:, empty:]
+
+
+def _per_row(params, batch: int):
+    """(params, seed offset) of every row: one SamplingParams for all rows, or a list of one per row."""
+    if isinstance(params, SamplingParams):
+        return [(params, b) for b in range(batch)]
+    params = list(params)
+    if len(params) != batch or not all(isinstance(p, SamplingParams) for p in params):
+        raise CqilError(f"params must be one SamplingParams or a list of {batch} (one per row)")
+    return [(p, 0) for p in params]
+
+
+class _Row:
+    """What a Generator keeps of one row besides its tokens: sampling, limit, this turn's output."""
+
+    def __init__(self, params: SamplingParams, engine, eos, max_new_tokens, seed_offset: int):
+        self.params = params
+        self.limit = params.max_tokens if params.max_tokens is not None else max_new_tokens
+        vocab = engine.config.vocab_size
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise CqilError(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        self.stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(eos))
+        self.rng = params.rng(seed_offset)
+        self.output: list[int] = []  # tokens chosen in this turn
+        self.finish_reason: str | None = None
+        self.logprob: TokenLogprob | None = None
+
+    def took(self, token: int) -> str | None:
+        """Record a chosen token; the reason the row ends with it, if it does."""
+        self.output.append(token)
+        if token in self.stop_ids:
+            return "stop"
+        if self.limit is not None and len(self.output) >= self.limit:
+            return "length"
+        return None
+
+    def new_turn(self) -> "_Row":
+        self.output, self.finish_reason, self.logprob = [], None, None
+        return self

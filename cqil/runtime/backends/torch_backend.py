@@ -133,6 +133,42 @@ class TorchCache:
     def rewind(self, n: int) -> None:
         self.length -= n  # positions past the length are overwritten before anything reads them
 
+    # Batch surgery (cqil.runtime.kv_cache): drop_front shifts in place, so the buffers and any
+    # captured CUDA graph stay valid; select and merge change the batch, hence new buffers and graphs.
+
+    def drop_front(self, n: int) -> None:
+        with self.rank.on_stream():
+            for bufs in (self.keys, self.values):
+                for buf in bufs.values():
+                    buf[:, :, :self.length - n] = buf[:, :, n:self.length].clone()  # the ranges overlap
+        self.length -= n
+
+    def select(self, rows) -> None:
+        with self.rank.on_stream():
+            index = torch.tensor(list(rows), dtype=torch.int64, device=self.rank.device)
+            for bufs in (self.keys, self.values):
+                for layer, buf in bufs.items():
+                    bufs[layer] = buf.index_select(0, index)
+        self.batch = len(rows)
+        self.graphs, self.pool, self.static_inputs = {}, None, {}
+
+    def merge(self, other: "TorchCache") -> None:
+        total, batch = max(self.length, other.length), self.batch + other.batch
+        capacity = max(self.capacity, other.capacity)  # each holds its own length, so this holds both
+        if capacity:
+            with self.rank.on_stream():
+                for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+                    for layer in self.rank.kv_layers:
+                        shape = (batch, *self.rank.kv_shape[:1], capacity, self.rank.kv_shape[1])
+                        new = torch.zeros(shape, dtype=self.rank.dtype, device=self.rank.device)
+                        for rows, cache, bufs in ((slice(0, self.batch), self, mine),
+                                                  (slice(self.batch, batch), other, theirs)):
+                            if cache.length:  # right-aligned: the shorter one gets zeros in front
+                                new[rows, :, total - cache.length:total] = bufs[layer][:, :, :cache.length]
+                        mine[layer] = new
+        self.batch, self.length, self.capacity = batch, total, capacity
+        self.graphs, self.pool, self.static_inputs = {}, None, {}
+
     def arrays(self) -> dict[str, torch.Tensor]:
         return {present_name(layer, kind): bufs[layer][:, :, :self.length]
                 for layer in self.rank.kv_layers for kind, bufs in (("key", self.keys), ("value", self.values))}
