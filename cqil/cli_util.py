@@ -1,4 +1,5 @@
-"""What every cqil command line shares: one-line errors, exit codes, the plan flags.
+"""What every cqil command line shares: one-line errors, exit codes, logging (--quiet/--verbose),
+the plan flags.
 
 Exit codes: 0 success, 1 a check that ran and failed (cqil-check) or a rank process that died,
 2 bad input (`CqilError`, argparse), 128 + N stopped by signal N: 130 SIGINT (Ctrl-C), 129 SIGHUP,
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -77,6 +79,75 @@ def run_main(prog: str, main, argv=None) -> int:
         print(f"{prog}: internal error: {type(e).__name__}: {first_line(e)}{notes} (set CQIL_DEBUG=1 for the "
               f"traceback)", file=sys.stderr)
         return 1
+
+
+# -- logging: every command's diagnostics go through logging.getLogger("cqil") ------------------
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a test's capture, a redirected stream)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+class _Format(logging.Formatter):
+    """Information as plain lines (progress, stats); warnings and errors named by the command."""
+
+    def __init__(self, prog: str):
+        super().__init__()
+        self.prog = prog
+
+    def format(self, record):
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            return f"{self.prog}: {record.levelname.lower()}: {message}"
+        return message
+
+
+def add_logging_flags(parser: argparse.ArgumentParser):
+    """--quiet / --verbose, as every cqil command takes them (then call `configure_logging(args)`)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--quiet", action="store_true", help="print only results, warnings and errors")
+    group.add_argument("--verbose", action="store_true", help="also print debug messages")
+
+
+def configure_logging(args=None, prog: str | None = None, *, quiet: bool = False, verbose: bool = False,
+                      loggers=("cqil",)) -> int:
+    """Send the "cqil" logger's records (and those of `loggers`) to stderr: information by default,
+    warnings and errors only with --quiet, debug messages too with --verbose. `args` is the parsed
+    command line of a parser that has `add_logging_flags`. Calling it again (another command in the
+    same process) replaces the handler. Returns the level. Applications that embed cqil configure
+    the "cqil" logger themselves instead; without either, only warnings reach stderr (Python's
+    last-resort handler)."""
+    quiet = quiet or bool(getattr(args, "quiet", False))
+    verbose = verbose or bool(getattr(args, "verbose", False))
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = _StderrHandler()
+    handler.setFormatter(_Format(prog or os.path.basename(sys.argv[0]) or "cqil"))
+    for name in loggers:
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if isinstance(h, _StderrHandler)]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+    return level
+
+
+def add_hub_flags(parser: argparse.ArgumentParser):
+    """--revision / --cache-dir, for commands whose MODEL may be a hub id (cqil.model.hub.resolve_model)."""
+    parser.add_argument("--revision", help="with a hub id as MODEL: the branch, tag or commit (default main)")
+    parser.add_argument("--cache-dir", help="with a hub id as MODEL: the download cache (default: HF_HUB_CACHE, "
+                                            "~/.cache/huggingface/hub)")
 
 
 def add_plan_flags(parser: argparse.ArgumentParser, p_required: bool = False):

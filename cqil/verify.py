@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cqil.cli_util import ArgumentParser, run_main
+from cqil.cli_util import ArgumentParser, add_hub_flags, add_logging_flags, configure_logging, run_main
 from cqil.errors import CqilError
 from cqil.model.config import ModelConfig
 from cqil.model.loader import load_model
@@ -211,7 +211,8 @@ def check_parser() -> argparse.ArgumentParser:
         description="Compare an engine with the PyTorch reference of its plan (same checkpoint, same inputs). "
                     "Exit 0: within tolerance and the same greedy tokens; 1: not; 2: bad input.")
     parser.add_argument("engine", help="engine directory (cqil-compile -o)")
-    parser.add_argument("--model", required=True, help="the checkpoint folder the engine was compiled from")
+    parser.add_argument("--model", required=True, help="the checkpoint the engine was compiled from (a folder or a "
+                                                       "hub id)")
     parser.add_argument("--adapter", help="the LoRA adapter folder merged at compile time, if any")
     parser.add_argument("--atol", type=float, help="absolute tolerance (default by the engine's dtype: float32 1e-4, "
                                                    "float16 0.05, bfloat16 0.25)")
@@ -225,6 +226,8 @@ def check_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the engine files")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     add_backend_flags(parser)
+    add_hub_flags(parser)
+    add_logging_flags(parser)
     return parser
 
 
@@ -247,7 +250,11 @@ def format_report(report: dict) -> str:
 def check_cli(argv=None) -> int:
     from cqil.runtime.engine import load
 
+    from cqil.model.hub import resolve_model
+
     args = check_parser().parse_args(argv)
+    configure_logging(args, "cqil-check")
+    args.model = str(resolve_model(args.model, args.revision, args.cache_dir))
     if args.threads is not None and args.threads < 1:
         raise CqilError(f"--threads must be >= 1, got {args.threads}")
     if not Path(args.model).is_dir():

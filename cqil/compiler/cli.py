@@ -7,7 +7,8 @@ import json
 import sys
 import time
 
-from cqil.cli_util import ArgumentParser, add_plan_flags, plan_from_args, run_main
+from cqil.cli_util import (ArgumentParser, add_hub_flags, add_logging_flags, add_plan_flags, configure_logging,
+                           plan_from_args, run_main)
 from cqil.compiler.estimate import DEFAULT_CONTEXT, auto_candidates, estimate, format_candidates, format_estimate
 from cqil.compiler.hardware import NAMES as HARDWARE_NAMES
 from cqil.compiler.hardware import hardware
@@ -73,23 +74,13 @@ def format_description(d: dict, model: str) -> str:
     return "\n".join(lines)
 
 
-def _p_value(text: str):
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer or 'auto'") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="cqil-compile", conflict_handler="resolve",  # resolve: --p is redefined below to take 'auto'
+        prog="cqil-compile",
         description="Compile a LLaMA-family HuggingFace checkpoint into a CQIL engine directory.")
-    parser.add_argument("model", help="local HuggingFace checkpoint folder")
-    add_plan_flags(parser)
-    parser.add_argument("--p", type=_p_value, help="layers per group = number of ranks; 'auto' (with --estimate): "
-                                                   "the p with the best predicted latency")
+    parser.add_argument("model", help="HuggingFace checkpoint: a local folder or a hub id (org/name)")
+    add_hub_flags(parser)
+    add_plan_flags(parser, p_auto_help="'auto' (with --estimate): the p with the best predicted latency")
     parser.add_argument("-o", "--output", help="engine directory to write")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="weight and activation dtype of the engine (default auto: the checkpoint's torch_dtype, "
@@ -117,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--estimate-batch", type=int, default=1, help="batch of the estimate (default 1)")
     parser.add_argument("--estimate-context", type=int, default=DEFAULT_CONTEXT,
                         help=f"tokens already in the KV cache for the estimate (default {DEFAULT_CONTEXT})")
+    add_logging_flags(parser)
     return parser
 
 
@@ -128,8 +120,12 @@ def _formats(args) -> tuple[str, ...]:
 
 
 def main(argv=None) -> int:
+    from cqil.model.hub import resolve_model
+
     args = build_parser().parse_args(argv)
-    cfg = ModelConfig.from_dir(args.model)
+    configure_logging(args, "cqil-compile")
+    model = resolve_model(args.model, args.revision, args.cache_dir)
+    cfg = ModelConfig.from_dir(model)
     hw = candidates = None
     if args.estimate is not None or args.p == "auto":
         if args.estimate is None:
@@ -151,11 +147,10 @@ def main(argv=None) -> int:
             raise CqilError("give -o ENGINE_DIR (or --dry-run to only print the plan)")
         from cqil.compiler.compile import compile_model
 
-        compile_model(args.model, args.output, plan=plan, plan_source=source, dtype=args.dtype, max_seq_len=args.max_seq_len,
+        compile_model(model, args.output, plan=plan, plan_source=source, dtype=args.dtype, max_seq_len=args.max_seq_len,
                       force=args.force, adapter=args.adapter, allow_plan_mismatch=args.allow_plan_mismatch,
-                      progress=not args.no_progress, formats=_formats(args), max_batch=args.max_batch,
-                      max_segment_bytes=int(args.max_segment_mb * 2**20) or None,
-                      log=lambda msg: print(msg, file=sys.stderr))
+                      progress=not (args.no_progress or args.quiet), formats=_formats(args), max_batch=args.max_batch,
+                      max_segment_bytes=int(args.max_segment_mb * 2**20) or None)
         return 0
     cfg.check_sequence_length(cfg.max_position_embeddings if args.max_seq_len is None else args.max_seq_len)
     t0 = time.perf_counter()

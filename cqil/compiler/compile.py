@@ -8,6 +8,7 @@ leaves the destination as it was.
 from __future__ import annotations
 
 import errno
+import logging
 import resource
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from cqil.compiler.pipeline import ENGINE_DTYPES, CompileOptions, write_engine
 from cqil.errors import CqilError
 from cqil.exporters.manifest import write_manifest
 from cqil.model.config import ModelConfig
+from cqil.model.hub import resolve_model
 from cqil.model.loader import Checkpoint
 from cqil.passes.partition import MAX_SEGMENT_BYTES
 from cqil.plan import Plan, check_parallel, resolve_plan
@@ -26,18 +28,21 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
                   bypass: int | None = None, semantics: str | None = None, replicate_outer: bool = False,
                   plan: Plan | None = None, plan_source: str = "given", dtype: str = "auto", max_seq_len: int | None = None,
                   force: bool = False, adapter=None, allow_plan_mismatch: bool = False,
-                  max_segment_bytes: int | None = MAX_SEGMENT_BYTES, progress: bool = True, log=print,
-                  formats=("onnx",), max_batch: int = 8) -> Path:
+                  max_segment_bytes: int | None = MAX_SEGMENT_BYTES, progress: bool = True, log=None,
+                  formats=("onnx",), max_batch: int = 8, revision: str | None = None, cache_dir=None) -> Path:
     """Compile `model_dir` into the engine directory `out_dir`; returns its path.
 
     The plan is `plan` (found in `plan_source`, for the log), or the one the plan keywords describe
     (as the CLI's flags). `dtype` "auto" is the checkpoint's `torch_dtype` (float32 when it has
     none, or one engines do not take). `max_segment_bytes`
     caps the weights of one exported segment (None: cut at collectives only); with streaming, about
-    this much weight is in memory at a time, times the exporter's copies.
+    this much weight is in memory at a time, times the exporter's copies. `model_dir` may be a hub id
+    (`org/name`, fetched at `revision` into the HF cache or `cache_dir`: cqil.model.hub). Progress
+    lines go to `log` (default: the "cqil" logger at INFO).
     """
     t0 = time.perf_counter()
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    log = log or logging.getLogger("cqil").info
+    model_dir, out_dir = resolve_model(model_dir, revision, cache_dir), Path(out_dir)
     cfg = ModelConfig.from_dir(model_dir)
     dest = Destination(out_dir, model_dir, force)
     if dtype == "auto":  # as vLLM and TensorRT-LLM do: the checkpoint's own dtype

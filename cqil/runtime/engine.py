@@ -269,6 +269,33 @@ class Engine:
                       "ms_per_token": 1000 * t_decode / max(steps - 1, 1) if steps > 1 else 0.0}
         return gen.tokens
 
+    # -- text (cqil.runtime.completion, cqil.runtime.chat) ---------------------------------------
+
+    @property
+    def generation_defaults(self):
+        """Sampling defaults (a SamplingParams): generation_config.json's keys over OpenAI's."""
+        from cqil.runtime.completion import default_params
+
+        return default_params(self)
+
+    def complete(self, prompt, **params):
+        """Text in, text out: `prompt` a string (-> a string; n > 1: a list of n) or a list of them (->
+        a list of those). `params`: SamplingParams fields (temperature 0 = greedy, top_p, top_k, min_p,
+        repetition/presence/frequency_penalty, max_tokens (default 16), stop, stop_token_ids, n, seed)."""
+        from cqil.runtime.completion import complete
+
+        return complete(self, prompt, **params)
+
+    def chat(self, messages, **params) -> str:
+        """The assistant's reply to `messages` ([{"role", "content"}]) under the engine's chat template."""
+        return self.start_chat(messages, **params).respond()
+
+    def start_chat(self, messages=(), system: str | None = None, **params):
+        """A conversation (cqil.runtime.chat.Chat) that keeps its KV cache from turn to turn."""
+        from cqil.runtime.chat import Chat
+
+        return Chat(self, messages, system=system, **params)
+
 
 def _cause(errors: dict[int, BaseException]) -> BaseException:
     """The error to report for a failed step: an interrupt as is; else the first rank's own error

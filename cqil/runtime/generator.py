@@ -162,6 +162,11 @@ class Generator:
         return self._mask.shape[1] + (self._pending is not None)
 
     @property
+    def cached(self) -> int:
+        """Positions the model has seen (in the KV caches): `length` without a chosen-but-not-fed token."""
+        return self._mask.shape[1]
+
+    @property
     def done(self) -> bool:
         return bool(self.finished.all()) or self.length >= self.engine.max_seq_len
 

@@ -41,11 +41,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from cqil.cli_util import ArgumentParser, run_main
+from cqil.cli_util import ArgumentParser, add_logging_flags, configure_logging, run_main
 from cqil.errors import CqilError
 from cqil.exporters.manifest import read_manifest, verify_files
 from cqil.runtime.backends import add_backend_flags
-from cqil.runtime.textio import StdoutStream, add_generation_flags, print_result, prompt_of, sampling_of
+from cqil.runtime.textio import add_generation_flags, print_result, prompt_of, run_prompt, write_stdout
 
 PROG = "cqil-launch"
 
@@ -172,6 +172,7 @@ def parser():
     p.add_argument("--timeout", type=float, default=600.0,
                    help="seconds for the rendezvous and for each collective before a rank is declared "
                         "stopped (default 600)")
+    add_logging_flags(p)
     return p
 
 
@@ -206,6 +207,7 @@ def main(argv=None, env=os.environ, hooks=None) -> int:
     from cqil.runtime.dist import DistCollectives
 
     args = parser().parse_args(argv)
+    configure_logging(args, f"{PROG}[rank {env.get('RANK', '?')}]")
     if args.threads is not None and args.threads < 1:
         raise CqilError(f"--threads must be >= 1, got {args.threads}")
     if not args.timeout > 0:
@@ -274,25 +276,26 @@ def generate(args, rank: int, world: int, local_world: int, collectives, hooks=N
     if hooks is not None:
         hooks.opened(engine, rank, args)
     tokenizer, ids, eos = prompt_of(engine, args)
-    stream = StdoutStream(tokenizer) if rank == 0 and not args.json else None
+    streaming = rank == 0 and not args.json
+    started = []
 
-    def put(token):  # int64 [1]: this step's token, on every rank
-        if stream is not None:
-            stream.put(token)
+    def write(text: str):
+        started.append(True)
+        write_stdout(text)
+
+    def put(token):  # this step's token, on every rank
         if hooks is not None:
             hooks.token(rank)
 
     try:
-        out = engine.generate([ids], eos_token_id=eos, streamer=put, **sampling_of(args))
+        out, stats = run_prompt(engine, args, tokenizer, ids, eos, write=write if streaming else None, on_token=put)
     except BaseException:
-        if stream is not None and stream.started:
+        if started:
             print(flush=True)  # end the streamed line before the error message
         raise
     engine.close()
     if rank == 0:
-        if stream is not None:
-            stream.end()
-        print_result(args, engine, tokenizer, ids, out[0], eos, launcher="torchrun", processes=world)
+        print_result(args, out, stats, tokenizer, ids, launcher="torchrun", processes=world)
     return 0
 
 
