@@ -187,7 +187,7 @@ def _row_files(path: str) -> list[str] | None:
     if p.is_dir():
         files = sorted(str(f) for f in p.rglob("*") if f.is_file() and _row_format(str(f)))
         what = f"the directory {path}"
-    elif glob.has_magic(path):
+    elif not p.exists() and glob.has_magic(path):  # a file named "data[1].txt" is that file
         files = sorted(f for f in glob.glob(path, recursive=True) if Path(f).is_file())
         what = f"the pattern {path}"
     elif _row_format(path) not in (None, "text"):
@@ -212,7 +212,8 @@ def _rows(path: str, files: list[str], tokenizer_folder, max_tokens: int | None)
     verbosity = datasets.logging.get_verbosity()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its "Failed to load JSON" log: our error says it
     try:
-        rows = datasets.load_dataset(kind, data_files=files, split="train", streaming=True, **options)
+        rows = datasets.load_dataset(kind, data_files=[glob.escape(f) for f in files], split="train", streaming=True,
+                                     **options)  # names taken literally: datasets reads patterns
         for batch in rows.iter(batch_size=_ROWS_PER_READ):
             if column is None:
                 column = next((c for c in ("input_ids", "text") if c in batch), None)
