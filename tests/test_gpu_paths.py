@@ -245,3 +245,19 @@ def test_gpu_check_dry_run(tmp_path):
     assert report["ok"] and report["checks"] and all(c["passed"] for c in report["checks"])
     assert {"nccl", "tensorrt", "onnxruntime_cuda"} <= set(report["unreachable"])
     assert "| engine |" in run.stdout  # a markdown table after the section
+
+
+def test_eval_takes_backend_flags_for_engines(engines, tmp_path, capsys):
+    from cqil.quality.cli import eval_main
+
+    data = tmp_path / "ids.npy"
+    np.save(data, np.random.default_rng(0).integers(0, 256, 200))
+    code, out, err = cli("cqil-eval", eval_main, [engines["p2_d1"], "--data", data, "--seq-len", "32", "--json",
+                                                   "--backend", "torch", "--devices", "cpu"], capsys)
+    assert code == 0, err
+    torch_ppl = json.loads(out)["perplexity"]
+    code, out, err = cli("cqil-eval", eval_main, [engines["p2_d1"], "--data", data, "--seq-len", "32", "--json"], capsys)
+    assert abs(json.loads(out)["perplexity"] - torch_ppl) < 1e-3 * torch_ppl
+    model = json.loads((engines["p2_d1"] / "manifest.json").read_text())["source"]["model_dir"]
+    code, _, err = cli("cqil-eval", eval_main, [model, "--data", data, "--devices", "cpu"], capsys)
+    assert_one_line_error(code, err, "run an engine directory", "--device")

@@ -24,6 +24,10 @@ it measured):
    step's wall time, the device time between CUDA events on rank 0's stream, and the host overhead
    (eager wall time - graph device time: the same work without Python in the way).
 
+4. finetune: cqil-finetune against a plain transformers + peft loop (tools/bench_finetune.py: the
+   125M model, bf16, sequences of 1024, 20 timed steps; s/step and peak memory side by side).
+   Skipped with --quick (the dry run; the CPU path has its own tests).
+
 Exit status 0 when every correctness check passed, 1 otherwise, 2 when the machine cannot run it.
 """
 
@@ -304,6 +308,29 @@ def timing(report: Report, args, work: Path):
                         f"{second}_device_ms", "host_overhead_ms", "vs_p1"])
 
 
+def finetune(report: Report, args, work: Path):
+    import subprocess
+
+    if args.quick:
+        report.data["skipped"] = {"finetune": "--quick"}
+        return
+    out = work / "bench_finetune.json"
+    cmd = [sys.executable, str(ROOT / "tools" / "bench_finetune.py"), "--device", args.devices, "--preset", "bench125m",
+           "--precision", "bf16" if args.devices == "cuda" else "fp32", "--seq-len", "1024", "--steps", "20",
+           "--warmup", "3", "--work", str(work / "finetune"), "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    print(run.stdout[-2000:], flush=True)
+    if run.returncode:
+        raise RuntimeError(f"bench_finetune exited {run.returncode}: {run.stderr.strip().splitlines()[-1:]}")
+    result = json.loads(out.read_text())
+    rows = []
+    for r in result["runs"]:
+        rows.append({"side": r["side"], "s_per_step": statistics.median(r["step_s"]),
+                     "peak_gib": r.get("peak_cuda_gb", r.get("peak_rss_gb"))})
+    report.data["finetune"] = {"runs": rows, "settings": result["settings"]}
+    report.table(rows, ["side", "s_per_step", "peak_gib"])
+
+
 def main(argv=None) -> int:
     import importlib.util
 
@@ -322,7 +349,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ok = False
-    for section in (environment, correctness, *(() if args.skip_timing else (timing,))):
+    for section in (environment, correctness, *(() if args.skip_timing else (timing, finetune))):
         try:
             result = section(report, args, work) if section is not environment else section(report, args)
             ok = result if section is correctness else ok

@@ -20,6 +20,7 @@ from cqil.errors import CqilError
 from cqil.model.config import ModelConfig
 from cqil.quality.finetune import finetune_main, finetune_parser  # noqa: F401  (cqil-finetune's entry, below)
 from cqil.quality.options import PRECISION_CHOICES, add_data_flags, add_device_flag, read_tokens, seq_len_of
+from cqil.runtime.backends import add_backend_flags, backend_options
 
 # -- cqil-analyze -----------------------------------------------------------------------------------
 
@@ -118,6 +119,7 @@ def eval_parser() -> argparse.ArgumentParser:
     add_device_flag(parser)
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32",
                         help="dtype of a checkpoint's weights (default fp32)")
+    add_backend_flags(parser)  # for an engine directory (--device is for a checkpoint)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
@@ -139,6 +141,9 @@ def eval_main(argv=None) -> int:
             raise CqilError(f"{args.target} is an engine directory: its plan, weights and devices are fixed at "
                             f"compile time, so --{', --'.join(flags)} cannot apply")
     else:
+        if args.backend != "onnxruntime" or args.devices:
+            raise CqilError(f"--backend / --devices run an engine directory; {args.target} is a checkpoint: "
+                            f"use --device (and --precision)")
         cfg = ModelConfig.from_dir(args.target)
         plan, _ = plan_for_eval(cfg, args.p, args.start, args.end, args.bypass, args.bypass_semantics)
     if args.tasks:
@@ -149,7 +154,7 @@ def eval_main(argv=None) -> int:
         cfg = EngineSpec.read(args.target, verify=False).config
     ids = as_long(read_tokens(args.data, args, args.target, cfg.vocab_size))  # bad data fails before weights load
     if engine:
-        target = engine_target(args.target)
+        target = engine_target(args.target, **backend_options(args))
         seq_len = seq_len_of(args.seq_len, 512, target.max_seq_len)
     else:
         seq_len = seq_len_of(args.seq_len, 512, cfg.max_position_embeddings)
@@ -174,7 +179,8 @@ def _eval_tasks(args, plan) -> int:
     if not tasks:
         raise CqilError("--tasks names no task")
     lm = CqilLM(args.target, plan=plan, adapter=args.adapter, allow_plan_mismatch=args.allow_plan_mismatch,
-                device=args.device, precision=args.precision, batch_size=args.batch_size, max_length=args.seq_len)
+                device=args.device, precision=args.precision, batch_size=args.batch_size, max_length=args.seq_len,
+                backend=args.backend, devices=args.devices)
     results = evaluate_tasks(lm, tasks, args.include_path, args.num_fewshot, args.limit)
     if args.json:
         print(json.dumps({"tasks": results["results"], "target": args.target, **lm.target.describe}, default=str))

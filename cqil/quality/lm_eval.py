@@ -50,7 +50,7 @@ class CqilLM(TemplateLM):
                  bypass: int | None = None, bypass_semantics: str | None = None, plan: Plan | None = None,
                  adapter: str | None = None, allow_plan_mismatch: bool = False, device: str | None = "cpu",
                  precision: str = "fp32", batch_size: int | str = 1, max_length: int | None = None,
-                 max_batch_size: int | None = None):
+                 max_batch_size: int | None = None, backend: str = "onnxruntime", devices: str | None = None):
         from cqil.exporters.manifest import is_engine_dir
 
         super().__init__()
@@ -60,7 +60,7 @@ class CqilLM(TemplateLM):
             if given:
                 raise CqilError(f"lm_eval: {pretrained} is an engine directory; its plan and weights are fixed, "
                                 f"so {', '.join(given)} cannot apply")
-            self.target = engine_target(pretrained)
+            self.target = engine_target(pretrained, backend=backend, **({"devices": devices} if devices else {}))
         else:
             if plan is None:
                 plan, _ = plan_for_eval(ModelConfig.from_dir(pretrained), p, start, end, bypass,

@@ -102,13 +102,13 @@ def model_target(model_dir: str | Path, plan: Plan | None = None, adapter: str |
                   greedy)
 
 
-def engine_target(engine_dir: str | Path) -> Target:
-    """A compiled engine through the runtime's `load(engine_dir)`."""
+def engine_target(engine_dir: str | Path, **runtime) -> Target:
+    """A compiled engine through the runtime's `load(engine_dir, **runtime)` (backend, devices)."""
     import numpy as np
 
     from cqil.runtime import load
 
-    engine = load(str(engine_dir))
+    engine = load(str(engine_dir), **runtime)
 
     def logits(ids: torch.Tensor):
         return engine.logits(np.ascontiguousarray(ids.cpu().numpy(), dtype=np.int64))
