@@ -173,6 +173,25 @@ def test_concurrent_requests_are_batched_and_each_equals_its_answer_alone(engine
     assert after["running"] == 0 and after["waiting"] == 0
 
 
+def test_a_failing_step_fails_its_request_and_the_server_goes_on(engine, client, server, monkeypatch):
+    forward, calls = engine.forward, []
+
+    def fails_once(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        return forward(*args)
+
+    monkeypatch.setattr(engine, "forward", fails_once)
+    with pytest.raises(openai.InternalServerError) as e:
+        client.completions.create(model="small-llama", prompt="def main(", max_tokens=10, temperature=0)
+    assert e.value.status_code == 500 and "injected failure" in e.value.body["message"]
+    assert health(server)["status"] == "unavailable"  # until a step succeeds again
+    r = client.completions.create(model="small-llama", prompt="def main(", max_tokens=10, temperature=0)
+    assert r.choices[0].text == engine.complete("def main(", temperature=0, max_tokens=10)
+    assert health(server)["status"] == "ok"
+
+
 def wait_for(predicate, timeout=30.0):
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -216,7 +235,8 @@ def test_full_queue_answers_429(engine):
         gc.collect()
         with warnings.catch_warnings():  # isinstance on every live object wakes deprecated module attributes
             warnings.simplefilter("ignore")
-            assert not [o for o in gc.get_objects() if isinstance(o, Ticket)]  # nothing of the requests is kept
+            left = [o for o in gc.get_objects() if isinstance(o, Ticket)]
+        assert not left  # nothing of the requests is kept
 
 
 def test_cqil_serve_command(engine):

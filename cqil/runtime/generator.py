@@ -26,8 +26,9 @@ Continuous batching (cqil.serve drives it): rows join and leave between steps.
 
 A joining batch is left-padded to the longer sequence axis (padding may then sit in the middle of
 a row's history, which the mask and the positions make harmless); leaving rows are sliced out of
-the KV caches and columns that became padding in every row are dropped from the front. A row thus
-gets exactly the tokens it gets alone (greedy), whatever joins or leaves beside it.
+the KV caches and columns that became padding in every row are dropped from the front. A row's
+logits thus agree with those it gets alone up to rounding, and its greedy tokens are the same,
+whatever joins or leaves beside it (tests/test_batching.py).
 
 A Generator owns its KV cache (one per rank), so any number of them may live on one engine; the
 engine serialises their steps (see `Engine`).

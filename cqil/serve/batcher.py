@@ -131,11 +131,10 @@ class Batcher:
             except Exception as e:  # the engine failed: these requests fail, the server goes on
                 log.error("a decode step failed: %s: %s", type(e).__name__, first_line(e))
                 self.healthy = False
-                for ticket in {t for t, _ in self._rows} | set(joining):
-                    ticket.post(("error", 500, f"generation failed: {first_line(e)}"))
+                _fail({t for t, _ in self._rows} | set(joining), 500, f"generation failed: {first_line(e)}")
                 self._gen, self._rows = None, []
-        for ticket in {t for t, _ in self._rows} | set(self._waiting):
-            ticket.post(("error", 503, "the server is shutting down"))
+            joining = []  # no reference to a finished request outlives its step
+        _fail({t for t, _ in self._rows} | set(self._waiting), 503, "the server is shutting down")
 
     def _take(self) -> list[Ticket]:
         """Waiting tickets, in arrival order, whose rows fit beside the running ones."""
@@ -150,8 +149,13 @@ class Batcher:
     def _join(self, tickets: list[Ticket]):
         for group in _prefill_groups(tickets, self.engine.max_seq_len):
             rows = [(t, i) for t in group for i in range(len(t.outputs))]
-            gen = Generator(self.engine, [ids for t in group for ids, _ in t.job.rows],
-                            params=[p for t in group for _, p in t.job.rows], eos_token_id=self.eos)
+            try:
+                gen = Generator(self.engine, [ids for t in group for ids, _ in t.job.rows],
+                                params=[p for t in group for _, p in t.job.rows], eos_token_id=self.eos)
+            except Exception as e:  # this prefill failed: these requests fail, the running ones go on
+                log.error("a prefill failed: %s: %s", type(e).__name__, first_line(e))
+                _fail(group, 500, f"generation failed: {first_line(e)}")
+                continue
             if self._gen is None:
                 self._gen = gen
             else:
@@ -184,6 +188,11 @@ class Batcher:
         else:
             self._gen = None
         self._rows = [self._rows[b] for b in keep]
+
+
+def _fail(tickets, status: int, message: str):
+    for ticket in tickets:
+        ticket.post(("error", status, message))
 
 
 def _prefill_groups(tickets: list[Ticket], max_seq_len: int) -> list[list[Ticket]]:
