@@ -49,10 +49,24 @@ class Ticket:
         self.open = len(self.outputs)  # rows not finished yet
 
     def post(self, event: tuple):
+        _deliver([(self, event)])
+
+
+def _deliver(events: list[tuple[Ticket, tuple]]):
+    """Hand events to their tickets' queues: one wake-up of each event loop for all of them."""
+    by_loop: dict = {}
+    for ticket, event in events:
+        by_loop.setdefault(ticket.loop, []).append((ticket.events, event))
+    for loop, items in by_loop.items():
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+            loop.call_soon_threadsafe(_put_all, items)
         except RuntimeError:  # the event loop is closed: the server is going down
             pass
+
+
+def _put_all(items):
+    for queue, event in items:
+        queue.put_nowait(event)
 
 
 class Batcher:
@@ -169,14 +183,16 @@ class Batcher:
         self.steps += 1
         self.tokens += len(outputs)
         self.peak_rows = max(self.peak_rows, len(outputs))
+        events = []
         for (ticket, i), out, delta, n in zip(self._rows, outputs, deltas, seen):
             if delta or out.finish_reason is not None or len(out.logprobs) > n:
-                ticket.post(("delta", i, delta, out.logprobs[n:], out.finish_reason))
+                events.append((ticket, ("delta", i, delta, out.logprobs[n:], out.finish_reason)))
             if out.finish_reason is not None:
                 ticket.open -= 1
                 if ticket.open == 0:
                     self.answered += 1
-                    ticket.post(("done",))
+                    events.append((ticket, ("done",)))
+        _deliver(events)
         self._leave([b for b, o in enumerate(outputs) if o.finish_reason is not None])
 
     def _leave(self, rows: list[int]):

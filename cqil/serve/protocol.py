@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from cqil.errors import CqilError
 from cqil.runtime.chat import render
-from cqil.runtime.completion import encode, fit_max_tokens, request_params
+from cqil.runtime.completion import encode, fit_max_tokens, request_params, rows_of
 from cqil.runtime.detokenize import token_text
 from cqil.runtime.sampling import MAX_LOGPROBS, SamplingParams
 
@@ -57,8 +57,6 @@ class Job:
 
 def parse_request(kind: str, body, service) -> Job:
     """A request body (parsed JSON) -> a Job, or an ApiError (400) naming the field."""
-    from cqil.runtime.completion import rows_of
-
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     model = body.get("model", service.model_name)
