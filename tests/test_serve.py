@@ -143,6 +143,8 @@ def test_bad_requests_get_openai_errors(client, server):
     for payload in (b"{not json", b"[1, 2]", b'{"prompt": [1, 99999]}', b'{"prompt": "x", "stop": [""]}'):
         status, data = raw(server, "POST", "/v1/completions", payload)
         assert status == 400 and set(json.loads(data)["error"]) == {"message", "type", "param", "code"}, data
+    status, data = raw(server, "POST", "/v1/completions", b'{"prompt": "' + b"x" * (33 * 2**20) + b'"}')
+    assert status == 413 and "exceeds 32 MiB" in json.loads(data)["error"]["message"]
     status, data = raw(server, "GET", "/v1/nothing")
     assert status == 404 and "error" in json.loads(data)
     assert [m.id for m in client.models.list().data] == ["small-llama"]

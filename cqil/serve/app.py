@@ -106,13 +106,13 @@ def build_app(service: Service) -> Starlette:
                              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                              Route("/v1/models", models, methods=["GET"]),
                              Route("/health", health, methods=["GET"])],
-                     exception_handlers={HTTPException: http_error}, lifespan=lifespan, max_body_size=MAX_BODY)
+                     exception_handlers={HTTPException: http_error}, lifespan=lifespan)
 
 
 async def _generate(request: Request, service: Service, kind: str):
     try:
         try:
-            body = json.loads(await request.body())
+            body = json.loads(await _body(request))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
         job = protocol.parse_request(kind, body, service)
@@ -126,6 +126,20 @@ async def _generate(request: Request, service: Service, kind: str):
     if job.stream:
         return EventStream(_events(ticket, service), headers={"Cache-Control": "no-cache"})
     return await _whole(request, ticket, service)
+
+
+async def _body(request: Request) -> bytes:
+    """The request body, refused (413) past MAX_BODY bytes before more of it is read."""
+    too_large = ApiError(413, f"the request body exceeds {MAX_BODY // 2**20} MiB")
+    if int(request.headers.get("content-length") or 0) > MAX_BODY:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _whole(request: Request, ticket: Ticket, service: Service):
