@@ -150,9 +150,14 @@ def add_hub_flags(parser: argparse.ArgumentParser):
                                             "~/.cache/huggingface/hub)")
 
 
-def add_plan_flags(parser: argparse.ArgumentParser, p_required: bool = False):
-    """The plan flags shared by cqil-compile, cqil-finetune, cqil-eval."""
-    parser.add_argument("--p", type=int, required=p_required, help="layers per group = number of ranks")
+def add_plan_flags(parser: argparse.ArgumentParser, p_required: bool = False, p_auto_help: str | None = None):
+    """The plan flags shared by cqil-compile, cqil-finetune, cqil-eval. With `p_auto_help`, --p also
+    takes 'auto' (cqil-compile's latency model picks it), described by that text."""
+    if p_auto_help is None:
+        parser.add_argument("--p", type=int, required=p_required, help="layers per group = number of ranks")
+    else:
+        parser.add_argument("--p", type=_int_or_auto, required=p_required,
+                            help=f"layers per group = number of ranks; {p_auto_help}")
     parser.add_argument("--start", type=int, help="first layer of the CQIL range (default: see README)")
     parser.add_argument("--end", type=int, help="end of the CQIL range, exclusive (default: num_layers - 2)")
     parser.add_argument("--bypass", type=int, default=None, help="bypass distance d, 0 <= d < p (default 0)")
@@ -161,6 +166,15 @@ def add_plan_flags(parser: argparse.ArgumentParser, p_required: bool = False):
                              "for a plan read from the checkpoint's cqil_layers)")
     parser.add_argument("--replicate-outer", action="store_true",
                         help="run the layers outside the range on every rank instead of rank 0 only")
+
+
+def _int_or_auto(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: give an integer or 'auto'") from None
 
 
 def plan_from_args(cfg, args) -> tuple[Plan, str]:
