@@ -373,4 +373,9 @@ def test_finetune_cli_end_to_end(model_dir, data_file, tmp_path, capsys):
                                                   "--no-kd", "--save-every", 1], capsys)
     assert rc == 0, err
     assert "wrote adapter" in stdout and "loss" in err  # the progress bar shows the loss
+    assert "next-token loss, fp32 on cpu" in err  # the run described on the "cqil" logger
     assert (out / PLAN_FILE).is_file() and (out / "checkpoint" / "optimizer.pt").is_file()
+    rc, stdout, err = cli_run(cli.finetune_main, [model_dir, "--p", 2, "--start", 1, "--end", 5, "--data", data_file,
+                                                  "-o", tmp_path / "quiet", "--steps", 1, "--seq-len", 16, "--batch",
+                                                  1, "--rank", 2, "--no-kd", "--quiet"], capsys)
+    assert rc == 0 and err == "" and "wrote adapter" in stdout  # --quiet: the result only

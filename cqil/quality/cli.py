@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from cqil.cli_util import ArgumentParser, add_plan_flags, run_main
+from cqil.cli_util import ArgumentParser, add_hub_flags, add_logging_flags, add_plan_flags, configure_logging, run_main
 from cqil.errors import CqilError
 from cqil.model.config import ModelConfig
 from cqil.quality.finetune import finetune_main, finetune_parser  # noqa: F401  (cqil-finetune's entry, below)
@@ -31,7 +31,9 @@ def analyze_parser() -> argparse.ArgumentParser:
         prog="cqil-analyze",
         description="Cosine similarity of the inputs of nearby layers on held-out text, and the CQIL "
                     "range it suggests for p.")
-    parser.add_argument("model", help="local HuggingFace checkpoint folder (with its tokenizer, for text data)")
+    parser.add_argument("model", help="HuggingFace checkpoint: a local folder or a hub id (with its tokenizer, for "
+                                      "text data)")
+    add_hub_flags(parser)
     parser.add_argument("--p", type=int, default=2, help="layers per group to suggest a range for (default 2)")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help=f"least similarity of a layer's input to its group's input (default {DEFAULT_THRESHOLD})")
@@ -39,16 +41,20 @@ def analyze_parser() -> argparse.ArgumentParser:
     add_device_flag(parser)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", help="write a PNG plot of the similarities here")
+    add_logging_flags(parser)
     return parser
 
 
 def analyze_main(argv=None) -> int:
+    from cqil.model.hub import resolve_model
     from cqil.model.loader import load_model
     from cqil.quality.data import as_long
     from cqil.quality.similarity import measure, suggest_range
     from cqil.quality.targets import torch_device
 
     args = analyze_parser().parse_args(argv)
+    configure_logging(args, "cqil-analyze")
+    args.model = str(resolve_model(args.model, args.revision, args.cache_dir))
     cfg = ModelConfig.from_dir(args.model)
     if args.p < 2:
         raise CqilError(f"--p must be >= 2 to suggest a CQIL range (p=1 is the original model), got {args.p}")
@@ -102,7 +108,9 @@ def eval_parser() -> argparse.ArgumentParser:
         prog="cqil-eval",
         description="Perplexity on held-out data (strided sliding window), or lm-evaluation-harness tasks, of a "
                     "checkpoint under a plan, with an optional LoRA adapter, or of a compiled engine directory.")
-    parser.add_argument("target", help="HuggingFace checkpoint folder, or engine directory (has manifest.json)")
+    parser.add_argument("target", help="HuggingFace checkpoint (a local folder or a hub id), or an engine directory "
+                                       "(has manifest.json)")
+    add_hub_flags(parser)
     add_plan_flags(parser)
     parser.add_argument("--adapter", help="LoRA adapter folder from cqil-finetune, merged before evaluating")
     parser.add_argument("--allow-plan-mismatch", action="store_true",
@@ -121,6 +129,7 @@ def eval_parser() -> argparse.ArgumentParser:
                         help="dtype of a checkpoint's weights (default fp32)")
     add_backend_flags(parser)  # for an engine directory (--device is for a checkpoint)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_logging_flags(parser)
     return parser
 
 
@@ -131,9 +140,14 @@ def eval_main(argv=None) -> int:
     from cqil.quality.targets import engine_target, model_target, plan_for_eval
 
     args = eval_parser().parse_args(argv)
+    configure_logging(args, "cqil-eval")
     if (args.data is None) == (args.tasks is None):
         raise CqilError("give either --data (perplexity) or --tasks (lm-evaluation-harness)")
     engine = is_engine_dir(args.target)
+    if not engine:
+        from cqil.model.hub import resolve_model
+
+        args.target = str(resolve_model(args.target, args.revision, args.cache_dir))
     if engine:
         flags = [f for f in ("p", "start", "end", "bypass", "adapter") if getattr(args, f) is not None]
         flags += [f for f, default in (("device", "cpu"), ("precision", "fp32")) if getattr(args, f) != default]
@@ -161,7 +175,7 @@ def eval_main(argv=None) -> int:
         target = model_target(args.target, plan, args.adapter, args.allow_plan_mismatch, max_seq_len=seq_len,
                               device=args.device, precision=args.precision)
     stride = args.stride or max(seq_len // 2, 1)
-    result = perplexity(target.logits, ids, seq_len, stride, progress=sys.stderr.isatty())
+    result = perplexity(target.logits, ids, seq_len, stride, progress=sys.stderr.isatty() and not args.quiet)
     out = {**result, "seq_len": seq_len, "stride": stride, "kind": target.kind, **target.describe}
     if args.json:
         print(json.dumps(out))

@@ -13,13 +13,17 @@ a prefix of its --start-method). The training itself is `cqil.quality.train.fine
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
-from cqil.cli_util import ArgumentParser, add_plan_flags, plan_from_args, run_main
+from cqil.cli_util import (ArgumentParser, add_hub_flags, add_logging_flags, add_plan_flags, configure_logging,
+                           plan_from_args, run_main)
 from cqil.errors import CqilError
 from cqil.model.config import ModelConfig
 from cqil.quality.options import PRECISION_CHOICES, add_data_flags, add_device_flag, read_tokens, seq_len_of
+
+log = logging.getLogger("cqil.finetune")
 
 
 def finetune_parser() -> argparse.ArgumentParser:
@@ -30,7 +34,9 @@ def finetune_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="cqil-finetune",
         description="Train a LoRA adapter that recovers the quality CQIL loses (self-distillation by default).")
-    parser.add_argument("model", help="local HuggingFace checkpoint folder (with its tokenizer, for text data)")
+    parser.add_argument("model", help="HuggingFace checkpoint: a local folder or a hub id (with its tokenizer, for "
+                                      "text data)")
+    add_hub_flags(parser)
     add_plan_flags(parser, p_required=True)
     add_data_flags(parser, f"tokens per training window (default {d.seq_len})")
     parser.add_argument("-o", "--output", required=True, help="adapter folder to write")
@@ -68,10 +74,12 @@ def finetune_parser() -> argparse.ArgumentParser:
                         help="torchrun: start --nproc-per-node data-parallel processes on this machine")
     parser.add_argument("--nproc-per-node", type=int, default=None,
                         help="processes for --launcher torchrun (default: the CUDA devices with --device cuda)")
+    add_logging_flags(parser)
     return parser
 
 
 def finetune_main(argv=None, env=os.environ) -> int:
+    from cqil.model.hub import resolve_model
     from cqil.model.loader import build_meta_model, load_model
     from cqil.quality.ddp import Workers
     from cqil.quality.lora import lora_config
@@ -79,6 +87,8 @@ def finetune_main(argv=None, env=os.environ) -> int:
     from cqil.quality.train import Settings, finetune
 
     args = finetune_parser().parse_args(argv)
+    configure_logging(args, "cqil-finetune")
+    args.model = str(resolve_model(args.model, args.revision, args.cache_dir))
     cfg = ModelConfig.from_dir(args.model)
     plan, source = plan_from_args(cfg, args)
     settings = Settings(steps=args.steps, lr=args.lr, rank=args.rank, alpha=args.alpha,
@@ -101,11 +111,11 @@ def finetune_main(argv=None, env=os.environ) -> int:
     model = load_model(args.model, dtype=settings.base_dtype, max_seq_len=settings.seq_len, cfg=cfg)
     if workers.is_main:
         per_step = settings.batch * settings.grad_accum * workers.world_size * settings.seq_len
-        print(f"cqil-finetune: {plan} ({source}); {len(stream)} tokens, {per_step} per step "
-              f"({workers.world_size} process(es)); {'self-distillation' if settings.kd else 'next-token'} loss, "
-              f"{settings.precision} on {settings.device}", file=sys.stderr)
+        log.info(f"{plan} ({source}); {len(stream)} tokens, {per_step} per step ({workers.world_size} process(es)); "
+                 f"{'self-distillation' if settings.kd else 'next-token'} loss, {settings.precision} on "
+                 f"{settings.device}")
     result = finetune(model, plan, stream, settings, args.output, resume=args.resume, base_model_name=args.model,
-                      eval_ids=eval_ids, workers=workers)
+                      eval_ids=eval_ids, workers=workers, progress=not args.quiet)
     losses = result["losses"]
     trend = f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps left to run"
     if workers.is_main:
