@@ -94,11 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
                              f"boundaries (default {MAX_SEGMENT_BYTES // 2**20}; 0: cut at collectives only)")
     parser.add_argument("--formats", default="onnx",
                         help="comma-separated: onnx (always), torch (per-rank safetensors for the torch backend), "
-                             "tensorrt (same as --backend tensorrt)")
+                             "tensorrt (same as --backend tensorrt), aoti (AOTInductor packages for the aoti backend "
+                             "and the C++ runtime, docs/cpp.md)")
+    parser.add_argument("--devices", choices=["cpu", "cuda"], default="cpu",
+                        help="with --formats ...,aoti: compile the AOTInductor packages for cpu (default) or cuda "
+                             "(needs a CUDA machine)")
+    parser.add_argument("--aoti-autotune", action="store_true",
+                        help="with --formats ...,aoti: Inductor freezing + max_autotune (slower build, faster CPU "
+                             "GEMMs; for release builds on an idle machine of the target CPU)")
     parser.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
                         help="tensorrt: also build a TensorRT plan per segment on this machine's GPU")
     parser.add_argument("--max-batch", type=int, default=8,
-                        help="largest batch the TensorRT plans accept (default 8)")
+                        help="largest batch the TensorRT plans and AOTInductor packages accept (default 8)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
@@ -147,10 +154,16 @@ def main(argv=None) -> int:
             raise CqilError("give -o ENGINE_DIR (or --dry-run to only print the plan)")
         from cqil.compiler.compile import compile_model
 
+        formats = _formats(args)
+        if "aoti" not in formats and (args.devices != "cpu" or args.aoti_autotune):
+            raise CqilError("--devices and --aoti-autotune go with --formats ...,aoti (they choose how the "
+                            "AOTInductor packages are compiled)")
+
         compile_model(model, args.output, plan=plan, plan_source=source, dtype=args.dtype, max_seq_len=args.max_seq_len,
                       force=args.force, adapter=args.adapter, allow_plan_mismatch=args.allow_plan_mismatch,
-                      progress=not (args.no_progress or args.quiet), formats=_formats(args), max_batch=args.max_batch,
-                      max_segment_bytes=int(args.max_segment_mb * 2**20) or None)
+                      progress=not (args.no_progress or args.quiet), formats=formats, max_batch=args.max_batch,
+                      max_segment_bytes=int(args.max_segment_mb * 2**20) or None, devices=args.devices,
+                      aoti_autotune=args.aoti_autotune)
         return 0
     cfg.check_sequence_length(cfg.max_position_embeddings if args.max_seq_len is None else args.max_seq_len)
     t0 = time.perf_counter()

@@ -29,7 +29,8 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
                   plan: Plan | None = None, plan_source: str = "given", dtype: str = "auto", max_seq_len: int | None = None,
                   force: bool = False, adapter=None, allow_plan_mismatch: bool = False,
                   max_segment_bytes: int | None = MAX_SEGMENT_BYTES, progress: bool = True, log=None,
-                  formats=("onnx",), max_batch: int = 8, revision: str | None = None, cache_dir=None) -> Path:
+                  formats=("onnx",), max_batch: int = 8, revision: str | None = None, cache_dir=None,
+                  devices: str = "cpu", aoti_autotune: bool = False) -> Path:
     """Compile `model_dir` into the engine directory `out_dir`; returns its path.
 
     The plan is `plan` (found in `plan_source`, for the log), or the one the plan keywords describe
@@ -38,7 +39,9 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
     caps the weights of one exported segment (None: cut at collectives only); with streaming, about
     this much weight is in memory at a time, times the exporter's copies. `model_dir` may be a hub id
     (`org/name`, fetched at `revision` into the HF cache or `cache_dir`: cqil.model.hub). Progress
-    lines go to `log` (default: the "cqil" logger at INFO).
+    lines go to `log` (default: the "cqil" logger at INFO). With "aoti" in `formats`, `devices` ("cpu"
+    or "cuda") is what the AOTInductor packages are compiled for and `aoti_autotune` turns on
+    Inductor's freezing + max_autotune (cqil.exporters.aoti).
     """
     t0 = time.perf_counter()
     log = log or logging.getLogger("cqil").info
@@ -49,11 +52,15 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
         dtype = cfg.torch_dtype if cfg.torch_dtype in ENGINE_DTYPES else "float32"
     options = CompileOptions(dtype=dtype, max_seq_len=cfg.max_position_embeddings if max_seq_len is None else max_seq_len,
                              formats=formats, max_segment_bytes=max_segment_bytes, adapter=adapter,
-                             allow_plan_mismatch=allow_plan_mismatch, max_batch=max_batch)
+                             allow_plan_mismatch=allow_plan_mismatch, max_batch=max_batch, devices=devices,
+                             aoti_autotune=aoti_autotune)
     cfg.check_sequence_length(options.max_seq_len)
     if "tensorrt" in options.formats:  # fail before the slow part
         from cqil.exporters.tensorrt import require_tensorrt
         require_tensorrt()
+    if "aoti" in options.formats:
+        from cqil.exporters.aoti import check_request
+        check_request(options.devices, options.max_seq_len, options.max_batch)
     if plan is None:
         plan, plan_source = resolve_plan(cfg.num_layers, p=p, start=start, end=end, bypass=bypass,
                                          semantics=semantics, replicate_outer=replicate_outer, authors=cfg.extra)

@@ -24,7 +24,7 @@ from cqil.passes import build_graph
 from cqil.passes.partition import MAX_SEGMENT_BYTES, partition
 from cqil.plan import Plan
 
-FORMATS = ("onnx", "torch", "tensorrt")
+FORMATS = ("onnx", "torch", "tensorrt", "aoti")
 ENGINE_DTYPES = ("float32", "float16", "bfloat16")  # onnx always: tensor specs and the TensorRT build come from it
 
 
@@ -47,7 +47,9 @@ class CompileOptions:
     max_segment_bytes: int | None = MAX_SEGMENT_BYTES
     adapter: str | None = None
     allow_plan_mismatch: bool = False
-    max_batch: int = 8  # TensorRT profiles
+    max_batch: int = 8  # TensorRT profiles, AOTInductor packages
+    devices: str = "cpu"  # what AOTInductor packages are compiled for: cpu or cuda
+    aoti_autotune: bool = False  # AOTInductor freezing + max_autotune (release builds on the target CPU)
 
     def __post_init__(self):
         object.__setattr__(self, "formats", check_formats(self.formats))
@@ -114,6 +116,17 @@ def write_engine(model_dir: Path, cfg: ModelConfig, plan: Plan, options: Compile
         trt_record, trt_files = build_engines(folder, records, options.dtype_name, max_batch=options.max_batch,
                                               max_seq_len=options.max_seq_len, log=log)
         extra_files += trt_files
+    aoti_record = None
+    if "aoti" in options.formats:
+        from cqil.exporters.aoti import export_packages
+
+        bar = tqdm(total=n_segments, desc="aoti", unit="segment", disable=not progress)
+        aoti_record, aoti_files = export_packages(
+            part, records, folder, lambda seg: load(param_names(seg.gm)), lambda seg: unload(param_names(seg.gm)),
+            cfg=cfg, max_seq_len=options.max_seq_len, max_batch=options.max_batch, device=options.devices,
+            autotune=options.aoti_autotune, progress=bar, log=log)
+        bar.close()
+        extra_files += aoti_files
     tokenizer = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
     for f in tokenizer:
         shutil.copy2(model_dir / f, folder / f)
@@ -133,6 +146,7 @@ def write_engine(model_dir: Path, cfg: ModelConfig, plan: Plan, options: Compile
                    "segments": recs, **({"weights": rank_weights[r]} if r in rank_weights else {})}
                   for r, recs in records.items()],
         **({"tensorrt": trt_record} if trt_record else {}),
+        **({"aoti": aoti_record} if aoti_record else {}),
         "tokenizer_files": tokenizer,
         "files": file_records(folder, files),
         "source": {"model_dir": str(model_dir.resolve()), "adapter": str(options.adapter) if options.adapter else None},

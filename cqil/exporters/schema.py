@@ -21,6 +21,8 @@ from cqil.program import AXES, STEP_KINDS
 
 DTYPES = ("float32", "float16", "bfloat16")
 TENSOR_DTYPES = (*DTYPES, "int64", "bool")
+AOTI_DEVICES = ("cpu", "cuda")
+KV_CAPACITY = "kv_capacity"  # the KV buffers' position axis in AOTInductor packages (cqil.exporters.aoti)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -60,15 +62,15 @@ class _Checker:
         if not value or p.is_absolute() or ".." in p.parts or "\\" in value:
             self.fail(where, f"must be a path inside the engine directory, got {value!r}")
 
-    def tensor(self, rec, where: str) -> tuple:
+    def tensor(self, rec, where: str, axes=AXES) -> tuple:
         self.get(rec, "name", str, where + ".")
         dtype = self.get(rec, "dtype", str, where + ".")
         if dtype not in TENSOR_DTYPES:
             self.fail(f"{where}.dtype", f"must be one of {', '.join(TENSOR_DTYPES)}, got {dtype!r}")
         shape = self.get(rec, "shape", list, where + ".")
         for i, d in enumerate(shape):
-            if not ((isinstance(d, int) and not isinstance(d, bool) and d >= 0) or d in AXES):
-                self.fail(f"{where}.shape[{i}]", f"must be an int >= 0 or one of {', '.join(AXES)}, got {d!r}")
+            if not ((isinstance(d, int) and not isinstance(d, bool) and d >= 0) or d in axes):
+                self.fail(f"{where}.shape[{i}]", f"must be an int >= 0 or one of {', '.join(axes)}, got {d!r}")
         return dtype, tuple(shape)
 
 
@@ -99,6 +101,8 @@ def check_manifest(manifest: dict, path) -> None:
             c.fail(where + ".sha256", "must be 64 hexadecimal digits")
         c.count(rec, "bytes", where + ".")
 
+    if manifest.get("aoti") is not None:
+        _check_aoti(c, c.get(manifest, "aoti", dict, ""))
     ranks = c.get(manifest, "ranks", list, "")
     numbers = [c.get(r, "rank", int, f"ranks[{i}].") for i, r in enumerate(ranks)]
     if sorted(numbers) != list(range(plan.p)):
@@ -125,6 +129,8 @@ def check_manifest(manifest: dict, path) -> None:
             c.count(seg, "weight_bytes", w, optional=True)
             if seg.get("tensorrt_engine") is not None:
                 c.relpath(c.get(seg, "tensorrt_engine", str, w), w + "tensorrt_engine")
+            if manifest.get("aoti") is not None:
+                _check_package(c, c.get(seg, "aoti", dict, w), w + "aoti", manifest["files"])
         order = []
         for j, step in enumerate(c.get(rank, "program", list, where)):
             w = f"{where}program[{j}]."
@@ -151,3 +157,35 @@ def check_manifest(manifest: dict, path) -> None:
         if len(specs) > 1:
             c.fail(f"collective #{index + 1} ({first[index][0]})", f"gets tensors of different dtype/shape from "
                    f"the ranks: {dict(sorted(by_rank.items()))}")
+
+
+AOTI_DIMS = ("batch", "sequence", "total_sequence", KV_CAPACITY)
+
+
+def _check_aoti(c: _Checker, aoti: dict):
+    """The engine's AOTInductor record (cqil.exporters.aoti): what the packages were built for."""
+    device = c.get(aoti, "device", str, "aoti.")
+    if device not in AOTI_DEVICES:
+        c.fail("aoti.device", f"must be one of {', '.join(AOTI_DEVICES)}, got {device!r}")
+    if not re.match(r"^\d+\.\d+", c.get(aoti, "torch", str, "aoti.")):
+        c.fail("aoti.torch", f"must be a torch version such as 2.13.0, got {aoti['torch']!r}")
+    c.get(aoti, "isa", str, "aoti.")
+    if c.get(aoti, "kv_layout", str, "aoti.") != "buffer":
+        c.fail("aoti.kv_layout", f"must be 'buffer', got {aoti['kv_layout']!r}")
+    dims = c.get(aoti, "dims", dict, "aoti.")
+    for name in AOTI_DIMS:
+        bounds = c.get(dims, name, list, "aoti.dims.")
+        if not (len(bounds) == 2 and all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+                and 1 <= bounds[0] <= bounds[1]):
+            c.fail(f"aoti.dims.{name}", f"must be [min, max] with 1 <= min <= max, got {bounds!r}")
+
+
+def _check_package(c: _Checker, rec: dict, where: str, files: dict):
+    """One segment's package record: its file (inside the engine, with a checksum) and its tensors."""
+    path = c.get(rec, "file", str, where + ".")
+    c.relpath(path, where + ".file")
+    if path not in files:
+        c.fail(where + ".file", f"{path} has no checksum in the manifest's files (hand-edited manifest?)")
+    for key in ("inputs", "outputs"):
+        for k, t in enumerate(c.get(rec, key, list, where + ".")):
+            c.tensor(t, f"{where}.{key}[{k}]", axes=AOTI_DIMS)

@@ -33,6 +33,7 @@ BACKENDS = {
     "onnxruntime": "cqil.runtime.backends.onnxruntime",
     "torch": "cqil.runtime.backends.torch_backend",
     "tensorrt": "cqil.runtime.backends.tensorrt",
+    "aoti": "cqil.runtime.backends.aoti",
 }
 
 
