@@ -223,6 +223,8 @@ def bad_engines(engine_dir: Path, tmp_path: Path) -> dict[str, tuple[Path, list,
                   "format_version 99"),
         "torch": (damaged(engine_dir, tmp_path, "torch", edit(lambda m: m["aoti"].update(torch="2.12.0"))), [],
                   "built by torch 2.12.0"),
+        "typed": (damaged(engine_dir, tmp_path, "typed", edit(lambda m: m["plan"].update(replicate_outer="yes"))), [],
+                  "manifest.json: [json.exception.type_error"),
     }
 
 

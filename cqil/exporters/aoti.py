@@ -240,6 +240,7 @@ def export_packages(part: Partition, onnx_records: dict[int, list[dict]], folder
         "isa": metadata.get("AOTI_CPU_ISA", "") if device == "cpu" else "",
         "machine": metadata.get("AOTI_MACHINE", ""),
         "platform": metadata.get("AOTI_PLATFORM", ""),
+        **({"compute_capability": metadata.get("AOTI_COMPUTE_CAPABILITY", "")} if device == "cuda" else {}),
         "kv_layout": KV_LAYOUT,
         "model_name": MODEL_NAME,
         "dims": ranges,

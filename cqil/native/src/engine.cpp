@@ -12,6 +12,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <system_error>
 #include <thread>
 
 #include "collectives.hpp"
@@ -236,23 +237,37 @@ Engine::Engine(const std::string& dir, const Options& options) : impl_(std::make
   e.collectives = std::make_unique<Collectives>(p, options.timeout_s, devices[0].is_cuda());
   for (const RankSpec& rs : e.spec.ranks) e.load_rank(rs, threads);
   auto shared = impl_;  // the threads keep the state alive, even past a broken engine's destructor
-  for (auto& r : e.ranks) {
-    Rank* rank = r.get();
-    r->thread = std::thread([shared, rank] { shared->rank_main(*rank); });
+  try {
+    for (auto& r : e.ranks) {
+      Rank* rank = r.get();
+      r->thread = std::thread([shared, rank] { shared->rank_main(*rank); });
+    }
+  } catch (const std::system_error& err) {  // no thread to spare: stop the ones that started
+    {
+      std::lock_guard<std::mutex> lock(e.m);
+      e.stopping = true;
+    }
+    e.go.notify_all();
+    for (auto& r : e.ranks)
+      if (r->thread.joinable()) r->thread.join();
+    fail(CQIL_ERROR_INTERNAL, std::string("engine: cannot start the rank threads: ") + err.what());
   }
 }
 
 Engine::~Engine() {
   Impl& e = *impl_;
+  std::vector<bool> idle;
   {
     std::lock_guard<std::mutex> lock(e.m);
     e.stopping = true;
+    for (auto& r : e.ranks) idle.push_back(r->finished);
   }
   e.go.notify_all();
-  for (auto& r : e.ranks) {
-    if (!r->thread.joinable()) continue;
-    if (r->finished) r->thread.join();
-    else r->thread.detach();  // hangs inside a segment: it cannot be stopped, and keeps impl_ alive
+  for (size_t i = 0; i < e.ranks.size(); ++i) {
+    std::thread& t = e.ranks[i]->thread;
+    if (!t.joinable()) continue;
+    if (idle[i]) t.join();
+    else t.detach();  // hangs inside a segment: it cannot be stopped, and keeps impl_ alive
   }
 }
 

@@ -161,6 +161,16 @@ void check_toolchain(const json& aoti, const std::string& dir, const Checker& c)
 }  // namespace
 
 EngineSpec EngineSpec::read(const std::string& dir_name, bool verify) {
+  try {
+    return read_checked(dir_name, verify);
+  } catch (const json::exception& e) {  // a value of an unexpected type the checks above did not name
+    rt::fail(CQIL_ERROR_ENGINE, "engine: " + dir_name + "/manifest.json: " + first_line(e.what()));
+  } catch (const fs::filesystem_error& e) {
+    rt::fail(CQIL_ERROR_ENGINE, "engine: " + first_line(e.what()));
+  }
+}
+
+EngineSpec EngineSpec::read_checked(const std::string& dir_name, bool verify) {
   fs::path root(dir_name);
   if (!fs::is_directory(root)) fail(CQIL_ERROR_ENGINE, "engine: " + dir_name + " is not a directory");
   fs::path path = root / "manifest.json";

@@ -48,6 +48,9 @@ struct EngineSpec {
 
   // Read and check DIR/manifest.json; verify: also every file's size and sha256.
   static EngineSpec read(const std::string& dir, bool verify);
+
+ private:
+  static EngineSpec read_checked(const std::string& dir, bool verify);
 };
 
 // Whether this CPU runs code built for `isa` (AOTInductor's AOTI_CPU_ISA, e.g. "AVX2",
