@@ -165,9 +165,11 @@ def export_package(seg: Segment, onnx_rec: dict, path: Path, cfg, ranges: dict, 
     t0 = time.perf_counter()
     quiet = logging.getLogger("torch")
     level = quiet.level
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    # export's notes on guards and specializations, and autotuning's tables (written to sys.stderr),
+    # are not for users: a failure is reported as one line below
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        quiet.setLevel(logging.ERROR)  # export's notes on guards and specializations are not for users
+        quiet.setLevel(logging.ERROR)
         try:
             with torch.no_grad():
                 ep = torch.export.export(gm, example, dynamic_shapes=dynamic, strict=False)
