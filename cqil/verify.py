@@ -45,6 +45,13 @@ _NOT_COMPUTATION = {"torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id
 # of rounding, rtol 1% the same for large logits. bf16 keeps 8 bits: 8x coarser (ulp 0.125 at 16).
 TOLERANCES = {"float32": (1e-4, 0.0), "float16": (5e-2, 1e-2), "bfloat16": (0.25, 4e-2)}
 
+# Quantized weights move every output by more than rounding, so a quantized engine is held to
+# (atol, rtol, least top-1 agreement): its logits near the float reference's, and the reference's
+# greedy choice its own choice in most teacher-forced steps (greedy runs may then part ways). On
+# the fixture model: int8 logits within 0.16 of fp32, top-1 agreement 99%; int4 within 1.9, 93%
+# (docs/quality.md); the bounds leave room for other models, not for a broken engine.
+QUANT_TOLERANCES = {"int8": (0.5, 0.05, 0.95), "int4": (4.0, 0.25, 0.80)}
+
 
 def load_reference(engine, model_dir, adapter=None):
     """The checkpoint in the engine's dtype, as the GraphModule of the engine's plan -> (model, gm)."""
@@ -160,7 +167,8 @@ def check_engine(engine, model_dir, atol: float | None = None, rtol: float | Non
                  batch: int = 2, prompt_len: int = 8, seed: int = 0, adapter=None) -> dict:
     """Compare `engine` with the reference of its plan on random ids [batch, prompt_len]; see the module doc.
     Tolerances default by the engine's dtype (`TOLERANCES`)."""
-    default_atol, default_rtol = TOLERANCES[engine.manifest["dtype"]]
+    quant = (engine.manifest.get("quantization") or {}).get("kind")
+    default_atol, default_rtol, min_agreement = QUANT_TOLERANCES[quant] if quant else (*TOLERANCES[engine.manifest["dtype"]], None)
     atol = default_atol if atol is None else atol
     rtol = default_rtol if rtol is None else rtol
     for name, value, low in (("steps", steps, 1), ("batch", batch, 1), ("prompt-len", prompt_len, 1)):
@@ -185,8 +193,11 @@ def check_engine(engine, model_dir, atol: float | None = None, rtol: float | Non
     generated = np.array(engine.generate(ids, max_new_tokens=steps))[:, prompt_len:]
     choosing = np.concatenate([ref_prefill[:, -1:], *ref_decode], axis=1)  # [B, steps, V]
     first, near_tie = first_disagreement(generated, ref_tokens, choosing, atol, rtol)
+    engine_choosing = np.concatenate([eng_prefill[:, -1:], *eng_decode], axis=1)
+    agreement = float((engine_choosing.argmax(-1) == choosing.argmax(-1)).mean())
+    tokens_ok = near_tie if min_agreement is None else agreement >= min_agreement
     return {
-        "passed": all(o["passed"] for o in outputs.values()) and near_tie,
+        "passed": all(o["passed"] for o in outputs.values()) and tokens_ok,
         "atol": atol,
         "rtol": rtol,
         "dtype": engine.manifest["dtype"],
@@ -198,6 +209,9 @@ def check_engine(engine, model_dir, atol: float | None = None, rtol: float | Non
         "tokens_agree": first is None,
         "first_token_mismatch": first,
         "mismatch_at_near_tie": first is not None and near_tie,
+        "quantization": quant,
+        "top1_agreement": agreement,
+        "min_top1_agreement": min_agreement,
         "engine_tokens": generated.tolist(),
         "reference_tokens": ref_tokens.tolist(),
     }
@@ -215,9 +229,10 @@ def check_parser() -> argparse.ArgumentParser:
                                                        "hub id)")
     parser.add_argument("--adapter", help="the LoRA adapter folder merged at compile time, if any")
     parser.add_argument("--atol", type=float, help="absolute tolerance (default by the engine's dtype: float32 1e-4, "
-                                                   "float16 0.05, bfloat16 0.25)")
+                                                   "float16 0.05, bfloat16 0.25; quantized int8 0.5, int4 4)")
     parser.add_argument("--rtol", type=float, help="relative tolerance; an element passes within atol or within rtol "
-                                                   "(default: float32 0, float16 0.01, bfloat16 0.04)")
+                                                   "(default: float32 0, float16 0.01, bfloat16 0.04; int8 0.05, "
+                                                   "int4 0.25)")
     parser.add_argument("--steps", type=int, default=32, help="greedy decode steps to compare (default 32)")
     parser.add_argument("--batch", type=int, default=2, help="batch size of the random inputs (default 2)")
     parser.add_argument("--prompt-len", type=int, default=8, help="random prompt length (default 8)")
@@ -236,8 +251,14 @@ def format_report(report: dict) -> str:
              f"{report['dtype']}, batch {report['batch']}, prompt {report['prompt_len']}, {report['steps']} steps)"]
     for name, o in report["outputs"].items():
         lines.append(f"{name:<24} {o['max_abs']:>10.3e} {o['max_rel']:>10.3e}  {'ok' if o['passed'] else 'FAIL'}")
+    if report["quantization"]:
+        lines.append(f"{report['quantization']} weights: the reference's greedy choice in "
+                     f"{100 * report['top1_agreement']:.1f}% of the teacher-forced steps (at least "
+                     f"{100 * report['min_top1_agreement']:.0f}% needed; tolerances for quantized weights)")
     if report["tokens_agree"]:
         lines.append(f"greedy tokens: identical for {report['steps']} steps")
+    elif report["quantization"]:
+        lines.append(f"greedy tokens: differ from step {report['first_token_mismatch']} (judged by the agreement above)")
     elif report["mismatch_at_near_tie"]:
         lines.append(f"greedy tokens: differ from step {report['first_token_mismatch']}, where the reference's two "
                      f"best tokens are within the tolerance of each other (allowed)")

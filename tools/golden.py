@@ -56,7 +56,7 @@ def record(work: Path) -> dict:
 
     plans = {}
     for name, options in PLANS.items():
-        engine_dir = cqil.compile(FIXTURE, work / name, max_seq_len=128, dtype="float32", progress=False,
+        engine_dir = cqil.compile(FIXTURE, work / name, max_seq_len=128, dtype="float32", fuse=False, progress=False,
                                   log=lambda m: None, **options)
         files = json.loads((engine_dir / "manifest.json").read_text())["files"]
         with cqil.load(engine_dir, threads=1) as engine:

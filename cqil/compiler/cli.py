@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tensorrt: also build a TensorRT plan per segment on this machine's GPU")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="largest batch the TensorRT plans and AOTInductor packages accept (default 8)")
+    parser.add_argument("--no-fuse", action="store_true",
+                        help="keep the plain ONNX graph (default: ONNX Runtime's fused attention and norms, and a KV "
+                             "cache written in place)")
+    parser.add_argument("--quant", choices=["int4", "int8"], help="weight-only quantization of the ONNX segments")
+    parser.add_argument("--quant-block", type=int, default=32, help="weights per quantization block (default 32)")
+    parser.add_argument("--quant-asymmetric", action="store_true", help="a zero point per block (default symmetric)")
+    parser.add_argument("--no-quant-lm-head", action="store_true", help="keep the LM head in float")
+    parser.add_argument("--quant-embedding", action="store_true", help="quantize the embedding too")
     parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and write nothing")
@@ -124,6 +132,17 @@ def _formats(args) -> tuple[str, ...]:
     if args.backend == "tensorrt":
         formats.append("tensorrt")
     return tuple(dict.fromkeys(["onnx", *formats]))
+
+
+def _quantization(args):
+    from cqil.exporters.quantize import Quantization
+
+    if args.quant is None:
+        if args.quant_asymmetric or args.no_quant_lm_head or args.quant_embedding or args.quant_block != 32:
+            raise CqilError("the --quant-* flags go with --quant int4|int8")
+        return None
+    return Quantization(args.quant, block=args.quant_block, symmetric=not args.quant_asymmetric,
+                        lm_head=not args.no_quant_lm_head, embedding=args.quant_embedding)
 
 
 def main(argv=None) -> int:
@@ -163,7 +182,7 @@ def main(argv=None) -> int:
                       force=args.force, adapter=args.adapter, allow_plan_mismatch=args.allow_plan_mismatch,
                       progress=not (args.no_progress or args.quiet), formats=formats, max_batch=args.max_batch,
                       max_segment_bytes=int(args.max_segment_mb * 2**20) or None, devices=args.devices,
-                      aoti_autotune=args.aoti_autotune)
+                      aoti_autotune=args.aoti_autotune, fuse=not args.no_fuse, quant=_quantization(args))
         return 0
     cfg.check_sequence_length(cfg.max_position_embeddings if args.max_seq_len is None else args.max_seq_len)
     t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from cqil.compiler.destination import Destination
 from cqil.compiler.pipeline import ENGINE_DTYPES, CompileOptions, write_engine
+from cqil.exporters.quantize import Quantization
 from cqil.errors import CqilError
 from cqil.exporters.manifest import write_manifest
 from cqil.model.config import ModelConfig
@@ -30,14 +31,17 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
                   force: bool = False, adapter=None, allow_plan_mismatch: bool = False,
                   max_segment_bytes: int | None = MAX_SEGMENT_BYTES, progress: bool = True, log=None,
                   formats=("onnx",), max_batch: int = 8, revision: str | None = None, cache_dir=None,
-                  devices: str = "cpu", aoti_autotune: bool = False) -> Path:
+                  devices: str = "cpu", aoti_autotune: bool = False, fuse: bool = True,
+                  quant: "str | Quantization | None" = None) -> Path:
     """Compile `model_dir` into the engine directory `out_dir`; returns its path.
 
     The plan is `plan` (found in `plan_source`, for the log), or the one the plan keywords describe
     (as the CLI's flags). `dtype` "auto" is the checkpoint's `torch_dtype` (float32 when it has
     none, or one engines do not take). `max_segment_bytes`
     caps the weights of one exported segment (None: cut at collectives only); with streaming, about
-    this much weight is in memory at a time, times the exporter's copies. `model_dir` may be a hub id
+    this much weight is in memory at a time, times the exporter's copies. `fuse` puts ONNX Runtime's
+    fused operators in the ONNX segments; `quant` ("int4", "int8" or a `Quantization`) quantizes their
+    weights. `model_dir` may be a hub id
     (`org/name`, fetched at `revision` into the HF cache or `cache_dir`: cqil.model.hub). Progress
     lines go to `log` (default: the "cqil" logger at INFO). With "aoti" in `formats`, `devices` ("cpu"
     or "cuda") is what the AOTInductor packages are compiled for and `aoti_autotune` turns on
@@ -53,7 +57,8 @@ def compile_model(model_dir, out_dir, p: int | None = None, start: int | None = 
     options = CompileOptions(dtype=dtype, max_seq_len=cfg.max_position_embeddings if max_seq_len is None else max_seq_len,
                              formats=formats, max_segment_bytes=max_segment_bytes, adapter=adapter,
                              allow_plan_mismatch=allow_plan_mismatch, max_batch=max_batch, devices=devices,
-                             aoti_autotune=aoti_autotune)
+                             aoti_autotune=aoti_autotune, fuse=fuse,
+                             quant=Quantization(quant) if isinstance(quant, str) else quant)
     cfg.check_sequence_length(options.max_seq_len)
     if "tensorrt" in options.formats:  # fail before the slow part
         from cqil.exporters.tensorrt import require_tensorrt

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cqil.errors import CqilError
 from cqil.exporters.manifest import FORMAT_VERSION, file_records
+from cqil.exporters.quantize import Quantization
 from cqil.model.config import ModelConfig
 from cqil.model.loader import Weights, build_meta_model, load_model, param_names, parse_dtype
 from cqil.model.tokenizer import TOKENIZER_FILES
@@ -50,6 +51,8 @@ class CompileOptions:
     max_batch: int = 8  # TensorRT profiles, AOTInductor packages
     devices: str = "cpu"  # what AOTInductor packages are compiled for: cpu or cuda
     aoti_autotune: bool = False  # AOTInductor freezing + max_autotune (release builds on the target CPU)
+    fuse: bool = True  # ONNX Runtime's fused operators in the ONNX segments (cqil.exporters.fuse)
+    quant: "Quantization | None" = None  # weight-only int4/int8 of the ONNX segments (cqil.exporters.quantize)
 
     def __post_init__(self):
         object.__setattr__(self, "formats", check_formats(self.formats))
@@ -66,6 +69,29 @@ class CompileOptions:
     @property
     def dtype_name(self) -> str:
         return str(self.torch_dtype).removeprefix("torch.")
+
+
+def rewrite_onnx(records: dict[int, list[dict]], folder: Path, cfg: ModelConfig, options: CompileOptions,
+                 progress: bool) -> dict:
+    """Fuse and quantize every ONNX segment in place (as `options` asks); returns op counts over all."""
+    import collections
+
+    from tqdm import tqdm
+
+    totals = collections.Counter()
+    if not options.fuse and options.quant is None:
+        return {}
+    from cqil.exporters.fuse import fuse_segment
+    from cqil.exporters.quantize import quantize_segment
+
+    segments = [rec for recs in records.values() for rec in recs]
+    for rec in tqdm(segments, desc="fuse/quantize", unit="segment", disable=not progress):
+        path = folder / rec["files"][0]
+        if options.fuse:
+            totals.update(fuse_segment(path, cfg))
+        if options.quant is not None:
+            totals.update(quantize_segment(path, options.quant))
+    return dict(totals)
 
 
 def toolchain() -> dict:
@@ -127,6 +153,7 @@ def write_engine(model_dir: Path, cfg: ModelConfig, plan: Plan, options: Compile
             autotune=options.aoti_autotune, progress=bar, log=log)
         bar.close()
         extra_files += aoti_files
+    onnx_ops = rewrite_onnx(records, folder, cfg, options, progress)  # after TensorRT: it reads plain ONNX
     tokenizer = [f for f in TOKENIZER_FILES if (model_dir / f).is_file()]
     for f in tokenizer:
         shutil.copy2(model_dir / f, folder / f)
@@ -145,6 +172,9 @@ def write_engine(model_dir: Path, cfg: ModelConfig, plan: Plan, options: Compile
                    "program": [s.to_dict() for s in part.programs[r]],
                    "segments": recs, **({"weights": rank_weights[r]} if r in rank_weights else {})}
                   for r, recs in records.items()],
+        "fused": options.fuse,
+        "quantization": options.quant.to_dict() if options.quant else None,
+        "onnx_ops": onnx_ops,
         **({"tensorrt": trt_record} if trt_record else {}),
         **({"aoti": aoti_record} if aoti_record else {}),
         "tokenizer_files": tokenizer,

@@ -164,6 +164,29 @@ def export_segment(seg: Segment, specs: dict[str, dict], path: Path, cfg: ModelC
     }
 
 
+def rewrite(model, path: Path):
+    """Replace the segment file at `path` by `model` (a rewrite of it): its weights go where they
+    were (inline, or `path.data` for a large segment), each file renamed into place."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    tmp = path.with_name(path.name + ".rewriting")
+    if data.exists():
+        staged = data.with_name(data.name + ".rewriting")
+        onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=staged.name, size_threshold=1024)
+        os.replace(staged, data)
+        saved = onnx.load(str(tmp), load_external_data=False)
+        for t in saved.graph.initializer:  # point the references at the final name
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = data.name
+        onnx.save_model(saved, str(tmp))
+    else:
+        onnx.save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
 def _check_interface(model, seg: Segment, path: Path):
     """The exporter drops unused inputs; a segment's interface must stay exactly as planned."""
     inputs = [i.name for i in model.graph.input]

@@ -90,6 +90,12 @@ def check_manifest(manifest: dict, path) -> None:
     if dtype not in DTYPES:
         c.fail("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
     c.count(manifest, "max_seq_len", "", low=1)
+    c.get(manifest, "fused", bool, "", optional=True)
+    quant = c.get(manifest, "quantization", (dict, type(None)), "", optional=True)
+    if quant:
+        if quant.get("kind") not in ("int4", "int8"):
+            c.fail("quantization.kind", f"must be int4 or int8, got {quant.get('kind')!r}")
+        c.count(quant, "block", "quantization.", low=16)
     if manifest.get("max_segment_bytes") is not None:
         c.count(manifest, "max_segment_bytes", "", low=1)
     for i, f in enumerate(c.strings(manifest, "tokenizer_files", "", optional=True)):

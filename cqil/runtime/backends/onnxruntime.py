@@ -10,7 +10,9 @@ before its CUDA one).
 
 IO binding: every output is allocated by cqil at the shape the manifest gives (its named axes
 filled in from the step) and bound before the run, so ONNX Runtime writes straight into it; inputs
-are bound where they lie. On the CPU values are numpy arrays; bit for bit the same as
+are bound where they lie. Engines compiled with fused operators (GroupQueryAttention, see
+cqil.exporters.fuse) keep the KV cache in one buffer per layer (`BufferCache`), bound as both the
+past input and the present output: a decode step writes one position, whatever the context length. On the CPU values are numpy arrays; bit for bit the same as
 `session.run`, minus a copy of every output. On CUDA values are torch tensors on the rank's
 device: the sessions run on the rank's torch stream (`user_compute_stream`), activations and the
 KV cache stay on the device between steps and segments, and collectives between the rank threads
@@ -30,7 +32,7 @@ import numpy as np
 
 from cqil.errors import CqilError, first_line
 from cqil.runtime.collectives import LocalCollectives
-from cqil.runtime.kv_cache import ConcatCache
+from cqil.runtime.kv_cache import BufferCache, ConcatCache
 from cqil.runtime.spec import NUMPY_DTYPES
 
 OPTIONS = frozenset({"devices", "io_binding", "tensorrt_ep"})
@@ -48,7 +50,10 @@ class OrtSegment:
         self.rank, self.session, self.file = rank, session, rec["files"][0]
         self.inputs = [t["name"] for t in rec["inputs"]]
         self.outputs = [t["name"] for t in rec["outputs"]]
-        self.out_specs = [(t["name"], t["dtype"], t["shape"]) for t in rec["outputs"]]
+        # a present written into its past's buffer (BufferCache) is bound to that buffer
+        self.in_place = {o: "past_key_values." + o.removeprefix("present.") for o in self.outputs
+                         if rank.buffered_kv and o.startswith("present.")}
+        self.out_specs = [(t["name"], t["dtype"], t["shape"]) for t in rec["outputs"] if t["name"] not in self.in_place]
         self.weight_bytes = rec.get("weight_bytes", 0)
 
     def __call__(self, env: dict) -> None:
@@ -64,6 +69,9 @@ class OrtSegment:
             dims, outs = step_dims(env), {}
             for name, dtype, shape in self.out_specs:
                 outs[name] = r.empty([dims.get(d, d) for d in shape], dtype)
+                r.bind_output(binding, name, outs[name])
+            for name, past in self.in_place.items():
+                outs[name] = env[past]
                 r.bind_output(binding, name, outs[name])
             self._run(self.session.run_with_iobinding, binding)
             for name, value in outs.items():
@@ -104,10 +112,16 @@ class OrtRank:
 
     def __init__(self, spec, rank: int, threads, ranks_in_process: int, io_binding: bool = True):
         self.rank, self.io_binding = rank, io_binding
-        self.kv_layers = spec.kv_layers(rank)
+        self._kv(spec)
+        self.segments = self._open(spec, threads, ranks_in_process == 1)
+
+    def _kv(self, spec):
+        self.kv_layers = spec.kv_layers(self.rank)
+        self.max_seq_len = spec.max_seq_len
         self._kv_shape = (spec.config.num_kv_heads, 0, spec.config.head_dim)
         self._kv_dtype = spec.float_dtype
-        self.segments = self._open(spec, threads, ranks_in_process == 1)
+        # fused attention writes into the past's own buffer when present and past are bound to it
+        self.buffered_kv = self.io_binding and bool(spec.manifest.get("fused"))
 
     def providers(self) -> list:
         return ["CPUExecutionProvider"]
@@ -138,8 +152,15 @@ class OrtRank:
     def publish(self, name: str, value):
         return value
 
-    def new_cache(self, batch: int) -> ConcatCache:
-        return ConcatCache(self.kv_layers, np.zeros((batch, *self._kv_shape), self._kv_dtype))
+    def new_cache(self, batch: int):
+        if self.buffered_kv:
+            return BufferCache(self.kv_layers, batch, self.empty_kv, self.max_seq_len)
+        return ConcatCache(self.kv_layers, self.empty_kv(batch, 0))
+
+    def empty_kv(self, batch: int, length: int):
+        """A zeroed KV array [batch, kv_heads, length, head_dim] of this rank's kind."""
+        kvh, _, hd = self._kv_shape
+        return np.zeros((batch, kvh, length, hd), self._kv_dtype)
 
     def close(self):
         self.segments = {}  # sessions are freed with their last reference
@@ -154,6 +175,10 @@ class OrtHostCudaRank(OrtRank):
                  tensorrt_ep: bool = False):
         self.cuda_index, self.tensorrt_ep = device_index, tensorrt_ep
         super().__init__(spec, rank, threads, ranks_in_process, io_binding)
+
+    def _kv(self, spec):
+        super()._kv(spec)
+        self.buffered_kv = False  # host buffers are copied to the device and back: nothing is written in place
 
     def providers(self) -> list:
         return cuda_providers(self.cuda_index, self.tensorrt_ep)
@@ -187,8 +212,7 @@ def _torch_rank_class():
             DeviceRank.__init__(self, rank, device, to_torch[spec.dtype])
             self.device_index, self.tensorrt_ep = device.index, tensorrt_ep
             self.io_binding = True  # device values need bound buffers
-            self.kv_layers = spec.kv_layers(rank)
-            self._kv_shape = (spec.config.num_kv_heads, 0, spec.config.head_dim)
+            self._kv(spec)
             self._dtypes = {t["name"]: to_torch[t["dtype"]] for rec in spec.segments(rank) for t in rec["inputs"]}
             self._nowhere = None  # an address for 0-size tensors (made on first need)
             self.segments = self._open(spec, threads, ranks_in_process == 1)
@@ -216,8 +240,9 @@ def _torch_rank_class():
             binding.bind_output(name, "cuda", self.device_index, element_type[value.dtype], tuple(value.shape),
                                 self._address(value))
 
-        def new_cache(self, batch: int) -> ConcatCache:
-            return ConcatCache(self.kv_layers, torch.zeros((batch, *self._kv_shape), dtype=self.dtype, device=self.device))
+        def empty_kv(self, batch: int, length: int):
+            kvh, _, hd = self._kv_shape
+            return torch.zeros((batch, kvh, length, hd), dtype=self.dtype, device=self.device)
 
     return OrtCudaRank
 
