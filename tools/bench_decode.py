@@ -1,27 +1,36 @@
-"""Decode and prefill latency of cqil engines against their baselines, side by side in one run.
+"""Decode and first-token latency of cqil engines against onnxruntime-genai, side by side in one run.
 
-    python tools/bench_decode.py [--model DIR] [--prompt-len 128] [--new-tokens 64] [--threads 2]
+    python tools/bench_decode.py [--model DIR] [--prompts 128 1024] [--new-tokens 64] [--threads 2]
+                                 [--precisions fp32 int4] [--rounds 3] [--work DIR]
 
-Measured on one ~125M-parameter LLaMA (hidden 768, 12 layers, GQA 12/4, vocab 32000; random
-weights made by cqil.testing unless --model is given), batch 1, fp32:
+One ~125M-parameter LLaMA (hidden 768, 12 layers, GQA 12/4, vocab 32000; random weights made by
+cqil.testing unless --model is given), batch 1, greedy, 2 threads for every runner:
 
-- transformers eager (`LlamaForCausalLM` with its KV cache), torch threads = --threads
-- one-graph ORT: the whole model as one ONNX graph in one ONNX Runtime session, driven by a
-  minimal loop (the p=1 engine's single segment file, run without cqil's runtime)
-- cqil engine p=1 and p=2 (the default range), through `cqil.load(...).generate`
+- onnxruntime-genai: its model builder's CPU model of the same checkpoint
+  (`python -m onnxruntime_genai.models.builder -i DIR -o OUT -p fp32|int4 -e cpu`; the builder
+  wants a tokenizer, so a stub one with the right vocabulary is written into a copy of the folder:
+  token ids go in directly), driven by `og.Generator` (append_tokens, generate_next_token).
+  Skipped with a message when the package is absent.
+- cqil p=1 and p=2 (the default range) with the default compile (fused operators, KV cache written
+  in place), fp32 or `--quant int4` (block 32, as the peer's int4), driven by a Generator; and, at
+  fp32, p=1 with `--no-fuse` (the plain graph), to show what fusion buys.
 
-plus the memory-bandwidth bound: bytes read per token (weights + KV cache) / measured copy
-bandwidth (read + write traffic of a large multi-threaded copy; a lower bound on time per token). Each
-number is the median over decode steps of the best of --rounds runs (rounds interleave runners). Ratios are against the
-one-graph session (lower is better). Prints a markdown table.
+first token = prompt in, first new token chosen (prefill + one sample); decode = the median time of
+the following steps (each: one forward of the last token and a choice). Rounds interleave the
+runners so that a slow spell of the machine hits all alike; each number is the best round's.
+Prints one markdown table with ratios against onnxruntime-genai at the same precision and prompt.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,8 +44,7 @@ def copy_bandwidth_gbs(threads: int, mb: int = 512, repeats: int = 5) -> float:
 
     src = np.ones(mb * (1 << 20) // 8)
     dst = np.empty_like(src)
-    parts = np.array_split(np.arange(src.size), threads)
-    bounds = [(p[0], p[-1] + 1) for p in parts]
+    bounds = [(p[0], p[-1] + 1) for p in np.array_split(np.arange(src.size), threads)]
     with ThreadPoolExecutor(threads) as pool:
         def copy():
             list(pool.map(lambda b: np.copyto(dst[b[0]:b[1]], src[b[0]:b[1]]), bounds))
@@ -50,138 +58,164 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def bench_transformers(model_dir, prompt, new_tokens, threads):
-    import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
+# -- onnxruntime-genai ----------------------------------------------------------------------------
 
-    torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor(prompt)[None]
-    with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        t0 = time.perf_counter()
-        out = model(input_ids=ids, cache=cache, use_cache=True)
-        prefill = time.perf_counter() - t0
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        steps = []
-        for _ in range(new_tokens - 1):
-            t = time.perf_counter()
-            out = model(input_ids=token, cache=cache, use_cache=True)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-            steps.append(time.perf_counter() - t)
-    return prefill, statistics.median(steps)
+def stub_tokenizer(folder: Path, vocab_size: int):
+    """A tokenizer.json with exactly `vocab_size` tokens (no merges): the builder copies a tokenizer
+    and the runtime loads it, but the benchmark feeds token ids, so its text behaviour is moot."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
 
 
-def bench_one_graph(onnx_path, cfg, prompt, new_tokens, threads):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    L, kvh, hd = cfg.num_layers, cfg.num_kv_heads, cfg.head_dim
-    past = {f"past_key_values.{l}.{k}": np.zeros((1, kvh, 0, hd), np.float32) for l in range(L) for k in ("key", "value")}
-    ids = np.array([prompt], np.int64)
-    T = ids.shape[1]
-
-    def step(tokens, start):
-        n = tokens.shape[1]
-        feeds = {"input_ids": tokens, "attention_mask": np.ones((1, start + n), np.int64),
-                 "position_ids": np.arange(start, start + n, dtype=np.int64)[None], **past}
-        outs = dict(zip(names, sess.run(names, feeds)))
-        for key in past:
-            past[key] = outs["present." + key.removeprefix("past_key_values.")]
-        return outs["logits"][:, -1].argmax(-1)
-
+def build_genai(model_dir: Path, work: Path, precision: str, vocab_size: int) -> Path:
+    out = work / f"genai-{precision}"
+    if (out / "genai_config.json").is_file():
+        return out
+    src = work / "genai-input"
+    if not (src / "config.json").is_file():
+        shutil.copytree(model_dir, src, dirs_exist_ok=True)
+        stub_tokenizer(src, vocab_size)
     t0 = time.perf_counter()
-    token = step(ids, 0)
-    prefill = time.perf_counter() - t0
-    steps = []
-    for i in range(new_tokens - 1):
-        t = time.perf_counter()
-        token = step(token[:, None].astype(np.int64), T + i)
-        steps.append(time.perf_counter() - t)
-    return prefill, statistics.median(steps)
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(src), "-o", str(out),
+                    "-p", precision, "-e", "cpu", "-c", str(work / "genai-cache")],
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    print(f"built onnxruntime-genai {precision} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out
 
 
-def bench_engine(engine_dir, prompt, new_tokens, threads):
+class Genai:
+    def __init__(self, folder: Path, threads: int):
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": threads, "inter_op_num_threads": 1, "log_severity_level": 3}}}}))
+        self.model = og.Model(config)
+
+    def run(self, prompt: list[int], new: int) -> tuple[float, list[float]]:
+        params = self.og.GeneratorParams(self.model)
+        total = len(prompt) + new
+        params.set_search_options(do_sample=False, max_length=total, min_length=total, batch_size=1)
+        gen = self.og.Generator(self.model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens([prompt])
+        gen.generate_next_token()
+        first = time.perf_counter() - t0
+        steps = []
+        for _ in range(new - 1):
+            t = time.perf_counter()
+            gen.generate_next_token()
+            steps.append(time.perf_counter() - t)
+        return first, steps
+
+
+# -- cqil -----------------------------------------------------------------------------------------
+
+class Cqil:
+    def __init__(self, engine_dir: Path, threads: int):
+        import cqil
+
+        self.engine = cqil.load(engine_dir, threads=threads, verify=False)
+
+    def run(self, prompt: list[int], new: int) -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        gen = self.engine.generator([prompt], max_new_tokens=new)
+        gen.next_tokens()
+        first = time.perf_counter() - t0
+        steps = []
+        while not gen.done:
+            t = time.perf_counter()
+            gen.next_tokens()
+            steps.append(time.perf_counter() - t)
+        return first, steps
+
+
+def compile_engine(model: Path, out: Path, p: int, max_seq_len: int, **options) -> Path:
     import cqil
 
-    engine = cqil.load(engine_dir, threads=threads, verify=False)
-    steps = []
-    t_prefill = []
-
-    def on_token(_):
-        steps.append(time.perf_counter())
-
-    t0 = time.perf_counter()
-    engine.generate([prompt], max_new_tokens=new_tokens, streamer=on_token)
-    t_prefill = steps[0] - t0
-    engine.close()
-    return t_prefill, statistics.median(np.diff(steps))
+    if not (out / "manifest.json").is_file():
+        t0 = time.perf_counter()
+        cqil.compile(model, out, p=p, max_seq_len=max_seq_len, dtype="float32", progress=False, force=True,
+                     log=lambda m: None, **options)
+        print(f"compiled {out.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint folder (default: a random ~125M LLaMA)")
-    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--prompts", type=int, nargs="+", default=[128, 1024])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "int4"], choices=["fp32", "int4"])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--work", help="folder for the checkpoint and engines (default: a temp folder)")
-    args = parser.parse_args()
+    parser.add_argument("--work", help="folder for the checkpoint and engines (default: a temporary one); reused")
+    args = parser.parse_args(argv)
 
-    import cqil
     from cqil.model.config import ModelConfig
     from cqil.testing import random_checkpoint
 
     work = Path(args.work or tempfile.mkdtemp(prefix="cqil-bench-"))
-    model = args.model
-    if model is None:
-        model = work / "bench125m"
-        if not (model / "config.json").exists():
-            random_checkpoint(model, "bench125m")
+    work.mkdir(parents=True, exist_ok=True)
+    model = Path(args.model) if args.model else work / "bench125m"
+    if not (model / "config.json").is_file():
+        random_checkpoint(model, "bench125m")
     cfg = ModelConfig.from_dir(model)
-    engines = {}
-    for p in (1, 2):
-        engines[p] = work / f"engine-p{p}"
-        if not (engines[p] / "manifest.json").exists():
-            cqil.compile(model, engines[p], p=p, max_seq_len=args.prompt_len + args.new_tokens + 8,
-                         progress=False, force=True, log=lambda m: None)
-    plan2 = cqil.load(engines[2], verify=False).plan
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, cfg.vocab_size, args.prompt_len).tolist()
-    one_graph = engines[1] / cqil.load(engines[1], verify=False).manifest["ranks"][0]["segments"][0]["files"][0]
+    max_seq_len = max(args.prompts) + args.new_tokens + 8
+    try:
+        import onnxruntime_genai  # noqa: F401
+        have_genai = True
+    except ImportError:
+        have_genai = False
+        print("onnxruntime-genai is not installed (pip install onnxruntime-genai): its rows are skipped",
+              file=sys.stderr)
 
-    n = args.new_tokens
-    runners = {
-        "transformers eager": (bench_transformers, model),
-        "one-graph ORT session": (bench_one_graph, one_graph, cfg),
-        "cqil engine p=1": (bench_engine, engines[1]),
-        f"cqil engine p=2 ({plan2.start}-{plan2.end}, depth {plan2.depth})": (bench_engine, engines[2]),
-    }
-    # rounds interleave the runners, so that a slow spell of the machine hits all of them alike
-    runs = {name: [] for name in runners}
+    runners = {}  # (precision, name) -> runner
+    for precision in args.precisions:
+        quant = {"quant": "int4"} if precision == "int4" else {}
+        if have_genai:
+            runners[precision, "onnxruntime-genai"] = Genai(build_genai(model, work, precision, cfg.vocab_size),
+                                                            args.threads)
+        for p in (1, 2):
+            folder = compile_engine(model, work / f"cqil-{precision}-p{p}-{max_seq_len}", p, max_seq_len, **quant)
+            runners[precision, f"cqil p={p}"] = Cqil(folder, args.threads)
+        if precision == "fp32":
+            folder = compile_engine(model, work / f"cqil-fp32-p1-plain-{max_seq_len}", 1, max_seq_len, fuse=False)
+            runners[precision, "cqil p=1 --no-fuse"] = Cqil(folder, args.threads)
+
+    rng = np.random.default_rng(0)
+    prompts = {n: rng.integers(3, cfg.vocab_size, n).tolist() for n in args.prompts}
+    best: dict[tuple, tuple[float, float]] = {}
     for _ in range(args.rounds):
-        for name, (fn, *where) in runners.items():
-            runs[name].append(fn(*where, prompt, n, args.threads))
-    rows = {name: (min(r[0] for r in rs), min(r[1] for r in rs)) for name, rs in runs.items()}
-    weight_bytes = sum(r.get("weight_bytes", 0) for r in cqil.load(engines[1], verify=False).manifest["ranks"][0]["segments"])
-    gbs = copy_bandwidth_gbs(args.threads)
-    kv_bytes = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 4 * (args.prompt_len + n // 2)
-    bound_ms = 1000 * (weight_bytes + kv_bytes) / (gbs * 1e9)
-    base = rows["one-graph ORT session"]
+        for n, prompt in prompts.items():
+            for (precision, name), runner in runners.items():
+                first, steps = runner.run(prompt, args.new_tokens)
+                key = (precision, n, name)
+                decode = statistics.median(steps)
+                old = best.get(key, (float("inf"), float("inf")))
+                best[key] = (min(old[0], first), min(old[1], decode))
+
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={args.threads}; "
-          f"model {weight_bytes / 1e6:.0f} MB fp32 weights; prompt {args.prompt_len}, {n} new tokens, batch 1, "
-          f"best of {args.rounds}")
-    print(f"copy bandwidth {gbs:.1f} GB/s (read + write, {args.threads} threads) -> bandwidth bound "
-          f"{bound_ms:.2f} ms/token (weights + half-length KV cache read once per token)\n")
-    print("| runner | prefill ms | decode ms/token | prefill vs one-graph | decode vs one-graph |")
-    print("|---|---:|---:|---:|---:|")
-    for name, (prefill, decode) in rows.items():
-        print(f"| {name} | {1000 * prefill:.1f} | {1000 * decode:.2f} | {prefill / base[0]:.2f} | {decode / base[1]:.2f} |")
-    print(f"| bandwidth bound | | {bound_ms:.2f} | | {bound_ms / 1000 / base[1]:.2f} |")
+          f"copy bandwidth {copy_bandwidth_gbs(args.threads):.1f} GB/s; model {model.name}; {args.new_tokens} new "
+          f"tokens, batch 1, best of {args.rounds} interleaved rounds\n")
+    print("| precision | prompt | runner | first token ms | decode ms/token | first vs genai | decode vs genai |")
+    print("|---|---:|---|---:|---:|---:|---:|")
+    for precision in args.precisions:
+        for n in args.prompts:
+            peer = best.get((precision, n, "onnxruntime-genai"))
+            for (prec, name), _ in runners.items():
+                if prec != precision:
+                    continue
+                first, decode = best[precision, n, name]
+                ratios = (f"{first / peer[0]:.2f} | {decode / peer[1]:.2f}" if peer else " | ")
+                print(f"| {precision} | {n} | {name} | {1000 * first:.1f} | {1000 * decode:.2f} | {ratios} |")
 
 
 if __name__ == "__main__":
