@@ -14,6 +14,7 @@ own classes + `save_pretrained`), so the folders look exactly like real HF check
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -24,6 +25,18 @@ from cqil.testing import random_checkpoint
 # The test models are tiny: a second intra-op thread only adds spin-waiting, which on a shared
 # 2-core machine makes each small matmul ~10x slower.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _restore_cqil_logger():
+    """A command run in-process (main([...])) points the "cqil" logger at its own stderr handler and
+    stops propagation; put it back so later tests' caplog (which listens at the root) sees records."""
+    logger = logging.getLogger("cqil")
+    state = (list(logger.handlers), logger.level, logger.propagate)
+    yield
+    logger.handlers[:] = state[0]
+    logger.setLevel(state[1])
+    logger.propagate = state[2]
 
 
 def pytest_collection_modifyitems(config, items):
