@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -62,7 +63,7 @@ class Jobs:
             if self.stopped:
                 raise RuntimeError("stopped")
             log = open(self.root / f"{name}.log", "w")
-            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         t0 = time.perf_counter()
         code = self.procs[name].wait()
         log.close()
@@ -81,6 +82,15 @@ class Jobs:
             for p in self.procs.values():
                 if p.poll() is None:
                     p.kill()
+
+
+def _die_with_parent():
+    """In a job's process: SIGTERM when the thread that started it (which waits for it) goes, so that a
+    killed test run leaves no compile behind (Linux; elsewhere nothing)."""
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001  (not Linux)
+        pass
 
 
 _jobs: Jobs | None = None

@@ -141,7 +141,7 @@ def test_cache_is_written_in_place_and_sized_once(aoti_engines):
         for r, cache in caches.items():
             assert cache.capacity == 64 and cache.length == len(PROMPTS[0]) + 19  # the last token is not fed
             assert {n: b.data_ptr() for n, b in cache.buffers.items()} == ptrs[r], "a buffer was replaced"
-        assert set(caches[1].buffers) == {f"past_key_values.{l}.{k}" for l in (7, 9) for k in ("key", "value")}
+        assert set(caches[1].buffers) == {(layer, kind) for layer in (7, 9) for kind in ("key", "value")}
         gen.append_tokens([list(range(100, 160))])  # outgrows 64 positions: one reallocation, contents kept
         assert caches[0].capacity == 128 and caches[0].length == len(PROMPTS[0]) + 20 + 60
         with pytest.raises(CqilError, match="max_seq_len"):

@@ -96,17 +96,18 @@ def test_sampling_with_a_seed_repeats(lib, native, aoti_engines):
 
 
 def test_generator_mirrors_the_python_one(lib, aoti_engines):
-    """eos, append_tokens (a new turn), rewind, tokens: as cqil.runtime.generator.Generator."""
+    """eos, append_tokens (a new turn, ragged), rewind, tokens: as cqil.runtime.generator.Generator
+    (driven here over the same packages, so any difference is the Generator's)."""
     engine_dir = aoti_engines("p1")
-    with cqil.load(engine_dir, threads=1) as ort:
-        ref = ort.generator(PROMPTS[:2], max_new_tokens=6)
+    with cqil.load(engine_dir, threads=1, backend="aoti") as py:
+        ref = py.generator(PROMPTS[:2], max_new_tokens=6)
         first = [ref.next_tokens() for _ in range(2)]
         eos = int(first[1][0])  # row 0's second token ends row 0 from then on
     engine = Engine(lib, engine_dir)
     try:
         gen = engine.generator(PROMPTS[:2], max_new_tokens=6, eos=[eos])
-        with cqil.load(engine_dir, threads=1) as ort:
-            want = ort.generator(PROMPTS[:2], max_new_tokens=6, eos_token_id=eos)
+        with cqil.load(engine_dir, threads=1, backend="aoti") as py:
+            want = py.generator(PROMPTS[:2], max_new_tokens=6, eos_token_id=eos)
             for _ in range(6):
                 np.testing.assert_array_equal(gen.next_tokens(), want.next_tokens())
             assert [gen.tokens(b) for b in range(2)] == want.tokens

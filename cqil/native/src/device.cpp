@@ -60,6 +60,12 @@ void RankDevice::synchronize() {
 #endif
 }
 
+void RankDevice::finish() {
+#if CQIL_WITH_CUDA
+  if (cuda_) cuda_->stream.synchronize();
+#endif
+}
+
 int RankDevice::mark_sent() {
 #if CQIL_WITH_CUDA
   if (cuda_) {

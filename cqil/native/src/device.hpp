@@ -30,7 +30,8 @@ class RankDevice {
   bool cuda() const { return device_.is_cuda(); }
   void enter();                // in the rank's thread: its device and stream become current
   void* stream_handle() const; // for AOTIModelPackageLoader::run (nullptr on CPU)
-  void synchronize();          // wait for the rank's stream (after allocating on another one)
+  void synchronize();          // wait for the caller's and the rank's streams (after allocating)
+  void finish();               // wait for the rank's stream (the end of a step)
 
   // Collectives: mark a value this rank sends as ready (an event slot), and bring a value another
   // rank sent onto this rank's device and stream, in order after its producer.

@@ -221,7 +221,10 @@ void Engine::Impl::run_program(Rank& r, int& current) {
     }
     for (size_t j = 0; j < step.outputs.size(); ++j) env[step.outputs[j]] = values[j];
   }
-  if (r.rank == 0) logits = env[r.logits];
+  // rank 0 hands over the last position's logits on the host, copied here on the rank's own stream
+  // (the caller's thread would copy on another stream, which does not wait for this one)
+  if (r.rank == 0) logits = env[r.logits].select(1, env[r.logits].size(1) - 1).to(at::kCPU, at::kFloat).contiguous();
+  if (dev.cuda()) dev.finish();  // nothing of this step is left running once the caller returns
 }
 
 Engine::Engine(const std::string& dir, const Options& options) : impl_(std::make_shared<Impl>()) {
@@ -349,9 +352,8 @@ void Engine::forward(const int64_t* ids, const int64_t* mask, const int64_t* pos
     e.logits = at::Tensor();
     fail(CQIL_ERROR_RUNTIME, rank_prefix(cause->rank, cause->error));
   }
-  at::Tensor last = e.logits.select(1, seq - 1).to(at::kCPU, at::kFloat).contiguous();  // [B, V]
+  std::memcpy(last_logits, e.logits.data_ptr<float>(), sizeof(float) * batch * e.spec.vocab_size);  // [B, V]
   e.logits = at::Tensor();
-  std::memcpy(last_logits, last.data_ptr<float>(), sizeof(float) * batch * e.spec.vocab_size);
   cache.length = total;
 }
 

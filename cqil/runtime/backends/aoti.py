@@ -10,11 +10,12 @@ packages, packages built by another torch major.minor (the package and the loade
 `aoti_torch_*` C shim), packages built for a CPU instruction set this CPU lacks, and a device of the
 other kind than the packages were compiled for.
 
-KV cache (`BufferCache`, one per Generator): the packages' buffer form (cqil.exporters.aoti). Per
-layer a key and a value buffer [B, kv_heads, capacity, head_dim] that the packages write in place;
-no `present` outputs, no copy per step. Capacity keeps one spare slot beyond the longest sequence
-(the packages need S < capacity) and grows in powers of two from 64 up to max_seq_len + 1, keeping
-the contents, so a generation reallocates at most a few times and never copies per step.
+KV cache (`PackageCache`, one per Generator): the packages' buffer form (cqil.exporters.aoti), a
+`cqil.runtime.kv_cache.BufferCache`. Per layer a key and a value buffer [B, kv_heads, capacity,
+head_dim] that the packages write in place; no `present` outputs, no copy per step. Capacity keeps
+one spare slot beyond the longest sequence (the packages need S < capacity) and grows in powers of
+two from 64 up to max_seq_len + 1, keeping the contents, so a generation reallocates at most a few
+times and never copies per step.
 
 Threads: a package's kernels use the calling thread's intra-op count (OpenMP); each call sets the
 count the Engine assigns its segment and restores the thread's own afterwards.
@@ -29,8 +30,8 @@ from typing import Sequence
 import torch
 
 from cqil.errors import CqilError, first_line
-from cqil.program import cache_entries, past_name, present_name
 from cqil.runtime.backends.device import DeviceRank, parse_devices
+from cqil.runtime.kv_cache import BufferCache
 
 OPTIONS = frozenset({"devices"})
 MIN_CAPACITY = 64
@@ -82,82 +83,36 @@ def check_packages(spec) -> dict:
     return record
 
 
-class BufferCache:
-    """One Generator's KV buffers on one rank (see the module docstring)."""
+class PackageCache(BufferCache):
+    """One Generator's KV buffers on one rank: a BufferCache with the packages' spare slot and limits,
+    worked on the rank's device and stream (see the module docstring)."""
 
     def __init__(self, rank: "AotiRank", batch: int):
-        self.rank, self.batch = rank, batch
-        self.length = 0
-        self.capacity = 0
-        self.buffers: dict[str, torch.Tensor] = {}  # past_key_values.{l}.key|value -> [B, kvh, C, hd]
-
-    def _resize(self, capacity: int, batch: int | None = None, rows=None):
-        """New buffers of `capacity` positions (and `batch` rows, taken from `rows` if given), contents kept."""
-        r = self.rank
-        batch = self.batch if batch is None else batch
-        new = {}
-        for name in r.kv_names:
-            buf = torch.zeros((batch, *r.kv_shape[:1], capacity, r.kv_shape[1]), dtype=r.dtype, device=r.device)
-            old = self.buffers.get(name)
-            if old is not None and self.length:
-                kept = old[:, :, :self.length] if rows is None else old[rows, :, :self.length]
-                buf[:, :, :self.length] = kept
-            new[name] = buf
-        self.buffers, self.capacity, self.batch = new, capacity, batch
+        super().__init__(rank.kv_layers, batch, rank.zeros, rank.max_seq_len, spare=1, min_capacity=MIN_CAPACITY)
+        self.rank = rank
 
     def begin(self, env: dict) -> None:
         r = self.rank
-        B, T = env["input_ids"].shape
-        total = env["attention_mask"].shape[1]
-        if B != self.batch or total - T != self.length:
-            raise CqilError(f"rank {r.rank}: a step of batch {B} after {total - T} positions, but the cache holds "
-                            f"batch {self.batch} with {self.length}")
+        B, total = env["input_ids"].shape[0], env["attention_mask"].shape[1]
         if total > r.max_seq_len:
             raise CqilError(f"rank {r.rank}: {total} tokens exceed the engine's max_seq_len {r.max_seq_len}")
         if B > r.max_batch:
             raise CqilError(f"rank {r.rank}: a batch of {B} rows, but the packages take at most {r.max_batch} "
                             f"(cqil-compile --max-batch)")
-        if total + 1 > self.capacity:  # + the spare slot the packages need (S < capacity)
-            capacity = max(MIN_CAPACITY, self.capacity)
-            while capacity < total + 1:
-                capacity *= 2
-            with r.on_stream():
-                self._resize(min(capacity, r.max_seq_len + 1))
-        env.update(self.buffers)
-
-    def end(self, env: dict, new: int) -> None:
-        self.length += new
-
-    def rewind(self, n: int) -> None:
-        self.length -= n  # positions past the length are overwritten before anything reads them
+        with r.on_stream():
+            super().begin(env)
 
     def drop_front(self, n: int) -> None:
         with self.rank.on_stream():
-            for buf in self.buffers.values():
-                buf[:, :, :self.length - n] = buf[:, :, n:self.length].clone()  # the ranges overlap
-        self.length -= n
+            super().drop_front(n)
 
     def select(self, rows: Sequence[int]) -> None:
-        rows = torch.tensor(list(rows), dtype=torch.int64, device=self.rank.device)
         with self.rank.on_stream():
-            self._resize(max(self.capacity, 1), batch=len(rows), rows=rows)
+            super().select(rows)
 
-    def merge(self, other: "BufferCache") -> None:
-        length, batch = max(self.length, other.length), self.batch + other.batch
-        capacity = max(self.capacity, other.capacity)  # each holds its own length + 1 spare slot
-        r = self.rank
-        with r.on_stream():
-            for name in r.kv_names:
-                buf = torch.zeros((batch, *r.kv_shape[:1], capacity, r.kv_shape[1]), dtype=r.dtype, device=r.device)
-                for rows, cache in ((slice(0, self.batch), self), (slice(self.batch, batch), other)):
-                    if cache.length:  # right-aligned: the shorter one gets zeros in front (the mask hides them)
-                        buf[rows, :, length - cache.length:length] = cache.buffers[name][:, :, :cache.length]
-                self.buffers[name] = buf
-        self.batch, self.length, self.capacity = batch, length, capacity
-
-    def arrays(self) -> dict[str, torch.Tensor]:
-        return {present_name(layer, kind): self.buffers[past_name(layer, kind)][:, :, :self.length]
-                for layer, kind in self.rank.kv_entries}
+    def merge(self, other: "PackageCache") -> None:
+        with self.rank.on_stream():
+            super().merge(other)
 
 
 class AotiSegment:
@@ -195,8 +150,7 @@ class AotiRank(DeviceRank):
 
         super().__init__(rank, device, parse_dtype(spec.dtype))
         self.max_seq_len, self.max_batch = spec.max_seq_len, record["dims"]["batch"][1]
-        self.kv_entries = cache_entries(spec.kv_layers(rank))
-        self.kv_names = [past_name(layer, kind) for layer, kind in self.kv_entries]
+        self.kv_layers = spec.kv_layers(rank)
         self.kv_shape = (spec.config.num_kv_heads, spec.config.head_dim)
         self.segments = {}
         for rec in spec.segments(rank):
@@ -211,8 +165,13 @@ class AotiRank(DeviceRank):
                 raise CqilError(f"engine: cannot load {rec['aoti']['file']}: {first_line(e)}") from None
             self.segments[rec["name"]] = AotiSegment(self, package, rec, threads(rec))
 
-    def new_cache(self, batch: int) -> BufferCache:
-        return BufferCache(self, batch)
+    def zeros(self, batch: int, capacity: int) -> torch.Tensor:
+        """One zeroed KV buffer [batch, kv_heads, capacity, head_dim] on this rank."""
+        heads, dim = self.kv_shape
+        return torch.zeros((batch, heads, capacity, dim), dtype=self.dtype, device=self.device)
+
+    def new_cache(self, batch: int) -> PackageCache:
+        return PackageCache(self, batch)
 
     def close(self):
         self.segments = {}  # each package's temporary folder goes with its loader
