@@ -97,12 +97,13 @@ def package_tensors(onnx_rec: dict, outputs: list[str]) -> tuple[list[dict], lis
     """(inputs, outputs) tensor records of a package, from its segment's ONNX record."""
     inputs = []
     for t in onnx_rec["inputs"]:
+        t = dict(t)  # a record of its own: later ONNX passes may edit theirs
         if t["name"].startswith("past_key_values."):
             b, heads, _, dim = t["shape"]
-            t = {**t, "shape": [b, heads, KV_CAPACITY, dim], "kv_buffer": True}
+            t.update(shape=[b, heads, KV_CAPACITY, dim], kv_buffer=True)
         inputs.append(t)
     by_name = {t["name"]: t for t in onnx_rec["outputs"]}
-    return inputs, [by_name[n] for n in outputs]
+    return inputs, [dict(by_name[n]) for n in outputs]
 
 
 def dims(max_seq_len: int, max_batch: int) -> dict:
