@@ -141,3 +141,22 @@ def test_quantized_engines(engines, kind, ppl_bound, agree_bound, capsys):
     assert same / 80 >= agree_bound
     report = check_engine(quantized, FIXTURE, steps=8)
     assert report["passed"] and report["quantization"] == kind and report["top1_agreement"] >= agree_bound
+
+
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_a_batched_append_runs_row_by_row(engines, io_binding):
+    """ONNX Runtime's GroupQueryAttention refuses several new tokens after a past at batch > 1; the
+    segment runs such a step one row at a time (into the same buffers), with the plain engine's result."""
+    results = []
+    for engine in (cqil.load(engines("p2_d1"), threads=1, io_binding=io_binding),
+                   cqil.load(engines("p2_d1", fuse=False), threads=1)):
+        gen = engine.generator(PROMPTS, max_new_tokens=6)
+        gen.next_tokens()
+        gen.append_tokens([[5, 6, 7, 8], [9, 10]])  # ragged: row 1 is left-padded within the chunk
+        logits = gen.logits.copy()
+        while not gen.done:
+            gen.next_tokens()
+        results.append((logits, gen.tokens))
+    (fused_logits, fused_tokens), (plain_logits, plain_tokens) = results
+    assert float(np.abs(fused_logits - plain_logits).max()) <= 1e-4
+    assert fused_tokens == plain_tokens

@@ -24,6 +24,7 @@ from cqil.runtime.backends.device import parse_devices
 from cqil.runtime.collectives import LocalCollectives
 
 ATOL = 1e-5
+FUSED_ATOL = 1e-4  # ONNX Runtime's fused attention rounds in its own order (as tests/test_fused.py)
 IDS = [[5, 7, 9, 11, 13], [3, 4]]  # ragged: the second row is left-padded
 
 
@@ -40,7 +41,7 @@ def checkpoint(tiny_checkpoint):
 def engine_p1(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("torch") / "p1"
     rc = compile_main([str(checkpoint), "--p", "1", "-o", str(out), "--formats", "onnx,torch",
-                       "--max-seq-len", "160", "--no-progress"])
+                       "--max-seq-len", "160", "--no-progress", "--no-fuse"])
     assert rc == 0
     return out
 
@@ -134,11 +135,15 @@ def test_formats_must_include_onnx(checkpoint, tmp_path):
 def test_logits_match_onnxruntime(engines, which, decode):
     ort = cqil.load(engines[which], threads=1)
     tch = cqil.load(engines[which], backend="torch", devices="cpu", decode=decode)
+    atol = FUSED_ATOL if ort.manifest["fused"] else ATOL  # p1 is compiled --no-fuse, p2 fused
     full = tch.logits(IDS)
     assert isinstance(full, np.ndarray) and full.dtype == np.float32
-    np.testing.assert_allclose(full, ort.logits(IDS), atol=ATOL, rtol=0)
+    # every real position (a padding position's logits mean nothing, and fused attention computes
+    # its fully masked row differently)
+    real = np.array([[1] * 5, [0] * 3 + [1] * 2]) == 1
+    np.testing.assert_allclose(full[real], ort.logits(IDS)[real], atol=atol, rtol=0)
     tokens = np.array([[17, 40, 2, 99, 7, 250], [8, 8, 31, 0, 64, 1]])
-    np.testing.assert_allclose(_step_logits(tch, IDS, tokens), _step_logits(ort, IDS, tokens), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(_step_logits(tch, IDS, tokens), _step_logits(ort, IDS, tokens), atol=atol, rtol=0)
     if decode == "static":
         assert tch.segments[0]["seg0"].rank.step.mode == "static"  # decode steps did use the fixed-shape form
 

@@ -13,7 +13,10 @@ What becomes what (only where ONNX Runtime has the op; `cqil-compile --no-fuse` 
   cache whose rows were left-padded, trimmed or merged (continuous batching) stays right. The
   padding mask the graph already computes goes in as `attention_bias` ([B, 1, T, total]; GQA adds
   the causal rule itself, which the bias also holds); every row has the same physical length
-  (left padding), so `seqlens_k` is total - 1 for every row.
+  (left padding), so `seqlens_k` is total - 1 for every row. Two things differ from the plain
+  graph: the op takes several new tokens after a past only at batch 1 (cqil's ONNX Runtime backend
+  runs such a step row by row), and a padding position, whose every key is masked, gets other
+  logits (meaningless in both).
 - **RMSNorm** (Pow, ReduceMean, Add eps, Sqrt, Div, Mul, Mul weight) -> `SimplifiedLayerNormalization`,
   or `com.microsoft:SkipSimplifiedLayerNormalization` when its input is a residual Add (whose sum,
   the op's fourth output, replaces the Add for every other reader).

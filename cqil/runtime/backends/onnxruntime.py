@@ -12,8 +12,10 @@ IO binding: every output is allocated by cqil at the shape the manifest gives (i
 filled in from the step) and bound before the run, so ONNX Runtime writes straight into it; inputs
 are bound where they lie. Engines compiled with fused operators (GroupQueryAttention, see
 cqil.exporters.fuse) keep the KV cache in one buffer per layer (`BufferCache`), bound as both the
-past input and the present output: a decode step writes one position, whatever the context length. On the CPU values are numpy arrays; bit for bit the same as
-`session.run`, minus a copy of every output. On CUDA values are torch tensors on the rank's
+past input and the present output: a decode step writes one position, whatever the context length;
+a step of several new tokens after a past at batch > 1, which that op refuses, runs row by row
+(`OrtSegment.rows`). On the CPU values are numpy arrays; bit for bit the same as `session.run`,
+minus a copy of every output. On CUDA values are torch tensors on the rank's
 device: the sessions run on the rank's torch stream (`user_compute_stream`), activations and the
 KV cache stay on the device between steps and segments, and collectives between the rank threads
 are device-to-device (`DeviceCollectives`). Without a CUDA torch (an onnxruntime-gpu next to a
@@ -55,25 +57,43 @@ class OrtSegment:
                          if rank.buffered_kv and o.startswith("present.")}
         self.out_specs = [(t["name"], t["dtype"], t["shape"]) for t in rec["outputs"] if t["name"] not in self.in_place]
         self.weight_bytes = rec.get("weight_bytes", 0)
+        # ONNX Runtime's GroupQueryAttention takes several new tokens after a past only at batch 1
+        self.by_row = rank.fused and any(o.startswith("present.") for o in self.outputs)
+        self.batched = {t["name"] for t in rec["inputs"] + rec["outputs"] if t["shape"][:1] == ["batch"]}
+
+    def rows(self, env: dict) -> list:
+        """The batch slices to run this step as: all rows at once, or (fused attention, several new
+        tokens after a past, batch > 1) one row at a time; the rows of a step are independent."""
+        dims = step_dims(env)
+        if self.by_row and dims["batch"] > 1 and dims["sequence"] > 1 and dims["past_sequence"] > 0:
+            return [slice(b, b + 1) for b in range(dims["batch"])]
+        return [slice(None)]
+
+    def _part(self, name: str, value, rows: slice):
+        return value[rows] if name in self.batched else value
 
     def __call__(self, env: dict) -> None:
-        r = self.rank
+        r, rows = self.rank, self.rows(env)
         if not r.io_binding:
-            feeds = {n: env[n] for n in self.inputs}
-            env.update(zip(self.outputs, self._run(self.session.run, self.outputs, feeds)))
+            parts = [self._run(self.session.run, self.outputs, {n: self._part(n, env[n], b) for n in self.inputs})
+                     for b in rows]
+            env.update((name, parts[0][i] if len(parts) == 1 or name not in self.batched
+                        else np.concatenate([p[i] for p in parts]))
+                       for i, name in enumerate(self.outputs))
             return
         with r.on_stream():  # CUDA: conversions and allocations on the stream the session runs on
-            binding = self.session.io_binding()
+            dims = step_dims(env)
+            outs = {name: r.empty([dims.get(d, d) for d in shape], dtype) for name, dtype, shape in self.out_specs}
+            outs.update((name, env[past]) for name, past in self.in_place.items())
             for name in self.inputs:
-                r.bind_input(binding, name, env)
-            dims, outs = step_dims(env), {}
-            for name, dtype, shape in self.out_specs:
-                outs[name] = r.empty([dims.get(d, d) for d in shape], dtype)
-                r.bind_output(binding, name, outs[name])
-            for name, past in self.in_place.items():
-                outs[name] = env[past]
-                r.bind_output(binding, name, outs[name])
-            self._run(self.session.run_with_iobinding, binding)
+                r.prepare_input(env, name)
+            for b in rows:  # every row writes its part of the same output buffers
+                binding = self.session.io_binding()
+                for name in self.inputs:
+                    r.bind_input(binding, name, self._part(name, env[name], b))
+                for name, value in outs.items():
+                    r.bind_output(binding, name, self._part(name, value, b))
+                self._run(self.session.run_with_iobinding, binding)
             for name, value in outs.items():
                 env[name] = r.publish(name, value)
 
@@ -121,7 +141,8 @@ class OrtRank:
         self._kv_shape = (spec.config.num_kv_heads, 0, spec.config.head_dim)
         self._kv_dtype = spec.float_dtype
         # fused attention writes into the past's own buffer when present and past are bound to it
-        self.buffered_kv = self.io_binding and bool(spec.manifest.get("fused"))
+        self.fused = bool(spec.manifest.get("fused"))
+        self.buffered_kv = self.io_binding and self.fused
 
     def providers(self) -> list:
         return ["CPUExecutionProvider"]
@@ -140,10 +161,12 @@ class OrtRank:
     def empty(self, shape, dtype: str):
         return np.empty(shape, NUMPY_DTYPES[dtype])
 
-    def bind_input(self, binding, name: str, env: dict):
-        value = env[name]
-        if not value.flags.c_contiguous:
-            env[name] = value = np.ascontiguousarray(value)
+    def prepare_input(self, env: dict, name: str):
+        """env[name] as the session can read it in place (stored back)."""
+        if not env[name].flags.c_contiguous:
+            env[name] = np.ascontiguousarray(env[name])
+
+    def bind_input(self, binding, name: str, value: np.ndarray):
         binding.bind_cpu_input(name, value)
 
     def bind_output(self, binding, name: str, value: np.ndarray):
@@ -230,10 +253,11 @@ def _torch_rank_class():
                 self._nowhere = torch.empty(256, dtype=torch.uint8, device=self.device)
             return self._nowhere.data_ptr()
 
-        def bind_input(self, binding, name: str, env: dict):
-            t = self.tensor(env, name, self._dtypes[name])
-            if not t.is_contiguous():
-                env[name] = t = t.contiguous()
+        def prepare_input(self, env: dict, name: str):
+            if not self.tensor(env, name, self._dtypes[name]).is_contiguous():
+                env[name] = env[name].contiguous()
+
+        def bind_input(self, binding, name: str, t):
             binding.bind_input(name, "cuda", self.device_index, element_type[t.dtype], tuple(t.shape), self._address(t))
 
         def bind_output(self, binding, name: str, value):
