@@ -178,8 +178,9 @@ class Engine:
             lib.call("cqil_engine_options_set_verify", opts, int(verify))
             if devices is not None:
                 lib.call("cqil_engine_options_set_devices", opts, devices.encode())
-            self.handle = ctypes.c_void_p()
-            lib.call("cqil_engine_create", str(path).encode(), opts, ctypes.byref(self.handle))
+            handle = ctypes.c_void_p()
+            lib.call("cqil_engine_create", str(path).encode(), opts, ctypes.byref(handle))
+            self.handle = handle
         finally:
             lib.c.cqil_engine_options_destroy(opts)
         v = ctypes.c_int64()
@@ -187,8 +188,11 @@ class Engine:
         self.vocab = v.value
 
     def close(self):
-        self.lib.c.cqil_engine_destroy(self.handle)
-        self.handle = None
+        if getattr(self, "handle", None) is not None:
+            self.lib.c.cqil_engine_destroy(self.handle)
+            self.handle = None
+
+    __del__ = close  # the library keeps the engine while a generator of it lives
 
     def generator(self, rows, max_new_tokens=0, temperature=0.0, top_k=0, top_p=1.0, seed=None, eos=()):
         return Generator(self, rows, max_new_tokens, temperature, top_k, top_p, seed, eos)
@@ -208,9 +212,10 @@ class Generator:
             eos_ids = np.asarray(eos, np.int64)
             lib.call("cqil_params_set_eos", params, eos_ids.ctypes.data_as(ctypes.c_void_p), ctypes.c_size_t(len(eos_ids)))
             flat, lengths = _rows(rows)
-            self.handle = ctypes.c_void_p()
+            handle = ctypes.c_void_p()
             lib.call("cqil_generator_create", engine.handle, params, flat.ctypes.data_as(ctypes.c_void_p), lengths,
-                     ctypes.c_size_t(len(rows)), ctypes.byref(self.handle))
+                     ctypes.c_size_t(len(rows)), ctypes.byref(handle))
+            self.handle = handle
         finally:
             lib.c.cqil_params_destroy(params)
 
@@ -249,8 +254,11 @@ class Generator:
         return out.tolist()
 
     def close(self):
-        self.lib.c.cqil_generator_destroy(self.handle)
-        self.handle = None
+        if getattr(self, "handle", None) is not None:
+            self.lib.c.cqil_generator_destroy(self.handle)
+            self.handle = None
+
+    __del__ = close  # a generator left alive keeps its engine (and the packages' unpacked copies) alive
 
 
 def engine_copy(src: Path, dst: Path) -> Path:
