@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,8 @@ import pytest
 import cqil
 from cqil.errors import CqilError
 from cqil.runtime import launch
+import proc_util
+from proc_util import loopback_env
 
 PROMPT = [5, 17, 42, 7, 99, 3]
 NEW = 10
@@ -54,12 +55,10 @@ TESTS = str(Path(__file__).parent)  # on the children's path: tests/launch_hooks
 
 
 def child_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CQIL_TEST_")}
-    path = os.pathsep.join(p for p in (TESTS, env.get("PYTHONPATH")) if p)
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path, **extra)
-    if sys.platform.startswith("linux") and Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the tests talk over loopback only
-    return env
+    """The test hooks' CQIL_TEST_* variables only as `extra` gives them."""
+    env = {k: v for k, v in loopback_env().items() if not k.startswith("CQIL_TEST_")}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, env.get("PYTHONPATH")) if p)
+    return {**env, **extra}
 
 
 def free_port() -> int:
@@ -102,15 +101,7 @@ def launch_direct(engine, n: int, args: list[str], grace: float = 10.0, **env) -
 
 
 def run_bounded(cmd) -> tuple[int, str, str]:
-    """Run `cmd` (torchrun and its workers) in a session of its own; kill all of it after WAIT."""
-    p = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=WAIT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-    return p.returncode, out, err
+    return proc_util.run_bounded(cmd, child_env(), WAIT)
 
 
 def in_process(engine):

@@ -8,9 +8,6 @@ The two processes each take 1 window x 2 accumulated micro-batches, so DDP's def
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -19,6 +16,8 @@ import torch
 
 from cqil.cli_util import run_main
 from cqil.quality import cli
+import proc_util
+from proc_util import loopback_env
 
 WAIT = 240  # seconds: torchrun and two processes importing torch, transformers and peft on a loaded machine
 
@@ -30,17 +29,7 @@ def flags(model_dir, data, out, *extra):
 
 
 def run_bounded(cmd) -> tuple[int, str, str]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    if os.path.exists("/sys/class/net/lo"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)
-    try:
-        out, err = p.communicate(timeout=WAIT)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate()
-    return p.returncode, out, err
+    return proc_util.run_bounded(cmd, loopback_env(), WAIT)
 
 
 def log(folder):
