@@ -160,3 +160,17 @@ def test_a_batched_append_runs_row_by_row(engines, io_binding):
     (fused_logits, fused_tokens), (plain_logits, plain_tokens) = results
     assert float(np.abs(fused_logits - plain_logits).max()) <= 1e-4
     assert fused_tokens == plain_tokens
+
+
+def test_norms_with_shared_weights_are_fused(tiny_checkpoint, tmp_path):
+    """A fresh checkpoint's norm weights are all ones: the exporter keeps one initializer and hands it
+    to the other layers through Identity nodes; every norm is still fused."""
+    import onnx
+
+    layers = 4
+    out = compile_engine(tiny_checkpoint("llama", num_hidden_layers=layers), tmp_path / "engine", dtype="float32", p=1)
+    graph = onnx.load(str(out / "rank0" / "seg0.onnx"), load_external_data=False).graph
+    assert sum(t.name.endswith("layernorm.weight") for t in graph.initializer) < 2 * layers  # shared
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("SkipSimplifiedLayerNormalization") + ops.count("SimplifiedLayerNormalization") == 2 * layers + 1
+    assert "ReduceMean" not in ops

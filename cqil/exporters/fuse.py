@@ -61,10 +61,18 @@ class OnnxGraph:
         self._count += 1
         return f"/cqil_fused/{base}_{self._count}"
 
+    def source(self, tensor: str) -> str:
+        """`tensor` before any Identity: the exporter shares equal initializers (norm weights that are
+        all ones, say) between layers through Identity nodes."""
+        while tensor in self.prod and self.prod[tensor].op_type == "Identity":
+            tensor = self.prod[tensor].input[0]
+        return tensor
+
     def const(self, tensor: str):
         """numpy value of an initializer or a Constant node's output, else None."""
         from onnx import numpy_helper
 
+        tensor = self.source(tensor)
         if tensor in self.inits:
             return numpy_helper.to_array(self.inits[tensor])
         n = self.prod.get(tensor)
@@ -76,7 +84,7 @@ class OnnxGraph:
 
     def weight(self, node):
         """The [K, N] weight of a MatMul whose B is an initializer, else None."""
-        return self.const(node.input[1]) if node.op_type == "MatMul" and node.input[1] in self.inits else None
+        return self.const(node.input[1]) if node.op_type == "MatMul" and self.source(node.input[1]) in self.inits else None
 
     def add_init(self, base: str, array) -> str:
         from onnx import numpy_helper
@@ -245,7 +253,7 @@ def _rmsnorm_chain(G: OnnxGraph, mean):
     weighted = only(tail.output[0], "Mul")
     if weighted is None:
         return None
-    weight = next(i for i in weighted.input if i != tail.output[0])
+    weight = G.source(next(i for i in weighted.input if i != tail.output[0]))
     eps = G.const(next(i for i in add.input if i != mean.output[0]))
     if weight not in G.inits or eps is None:
         return None
