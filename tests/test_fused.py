@@ -1,6 +1,7 @@
 """ONNX Runtime's fused operators, the in-place KV cache, and int4/int8 weights, on the fixture model.
 
-- fused engines (the default) give the plain engine's (`--no-fuse`) logits within 1e-4 and its greedy
+- fused engines (the default: GroupQueryAttention, RotaryEmbedding over cqil's own positions, the
+  norms) give the plain engine's (`--no-fuse`) logits within 1e-4 and its greedy
   tokens, for p=1, p=2 with bypass and p=4, batch 2 with left padding, prefill and decode;
 - their KV cache is one buffer per layer, bound as past and present: a decode step deep into the
   context writes into the same buffers and allocates nothing cache-sized;
@@ -62,7 +63,8 @@ def test_fused_engine_matches_the_plain_one(engines, name):
     assert fused.manifest["onnx_ops"]["attention"] == 12  # every layer's attention fused
     ops = {n.op_type for f in fused.manifest["files"] if f.endswith(".onnx")
            for n in __import__("onnx").load(str(engines(name) / f), load_external_data=False).graph.node}
-    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops and "Softmax" not in ops
+    assert {"GroupQueryAttention", "RotaryEmbedding", "SkipSimplifiedLayerNormalization"} <= ops
+    assert not {"Softmax", "Neg", "Transpose"} & ops  # no exported attention, rotary or head views left
     got, got_tokens = steps(fused, 24)
     want, want_tokens = steps(plain, 24)
     assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) <= 1e-4

@@ -8,9 +8,11 @@ What becomes what (only where ONNX Runtime has the op; `cqil-compile --no-fuse` 
   the scores, mask, softmax, `repeat_kv` expansion and the concatenation of past and new keys
   become one `com.microsoft:GroupQueryAttention` that reads the keys and values of the heads'
   groups without copying them and writes this step's into `present` (into the past's own buffer
-  when the runtime binds both to it, see `cqil.runtime.backends.onnxruntime`). The projections and
-  the rotary embedding stay as exported (`do_rotary=0`): positions are cqil's own position ids, so a
-  cache whose rows were left-padded, trimmed or merged (continuous batching) stays right. The
+  when the runtime binds both to it, see `cqil.runtime.backends.onnxruntime`). GQA's own rotary is
+  off (`do_rotary=0`: it would rotate by cache row): the exported rotary and its head views become
+  `com.microsoft:RotaryEmbedding` on the projections, indexed into the segment's own cos/sin, so
+  positions stay cqil's position ids and a cache whose rows were left-padded, trimmed or merged
+  (continuous batching) stays right. The
   padding mask the graph already computes goes in as `attention_bias` ([B, 1, T, total]; GQA adds
   the causal rule itself, which the bias also holds); every row has the same physical length
   (left padding), so `seqlens_k` is total - 1 for every row. Two things differ from the plain
@@ -20,11 +22,13 @@ What becomes what (only where ONNX Runtime has the op; `cqil-compile --no-fuse` 
 - **RMSNorm** (Pow, ReduceMean, Add eps, Sqrt, Div, Mul, Mul weight) -> `SimplifiedLayerNormalization`,
   or `com.microsoft:SkipSimplifiedLayerNormalization` when its input is a residual Add (whose sum,
   the op's fourth output, replaces the Add for every other reader).
-- **MLP gate and up projections** (MatMuls with weights on the same activation) -> one MatMul over
-  the concatenated weights and a Split: one pass over the activation, one quantized op later.
+- **Projections of one activation** (q/k/v, MLP gate and up: MatMuls with weights on the same
+  input) -> one MatMul over the concatenated weights and a Split: one pass over the activation, one
+  quantized op later.
 
 The rewrite anchors on what cqil controls (the segment's tensor names, its weights, the op pattern
-of the traceable model) and fails loudly, naming the layer, on anything else.
+of the traceable model) and fails loudly, naming the layer, on anything else (a rotary of another
+pattern is the exception: it stays as exported, in front of the fused attention).
 """
 
 from __future__ import annotations
@@ -156,7 +160,7 @@ def fuse_attention(G: OnnxGraph, cfg) -> int:
 
     layers = sorted(int(o.name.split(".")[1]) for o in G.g.output
                     if o.name.startswith("present.") and o.name.endswith(".key"))
-    lengths = None
+    lengths, tables = None, {}
     for l in layers:
         past_k, past_v = f"past_key_values.{l}.key", f"past_key_values.{l}.value"
         cat_k, cat_v = G.prod[f"present.{l}.key"], G.prod[f"present.{l}.value"]
@@ -178,8 +182,9 @@ def fuse_attention(G: OnnxGraph, cfg) -> int:
             last = G.add("Sub", [total64, G.add_init("one", np.array(1, np.int64))])
             lengths = (G.add("Cast", [G.add("Expand", [last, batch])], to=TensorProto.INT32),
                        G.add("Cast", [total64], to=TensorProto.INT32))
-        flat = G.add_init("flat", np.array([0, 0, -1], np.int64))
-        q, k, v = (G.add("Reshape", [G.add("Transpose", [t], perm=[0, 2, 1, 3]), flat]) for t in (q_rot, k_rot, v_new))
+        q = _rotary(G, q_rot, cfg.num_heads, cfg.head_dim, tables) or _flat(G, q_rot)
+        k = _rotary(G, k_rot, cfg.num_kv_heads, cfg.head_dim, tables) or _flat(G, k_rot)
+        v = _heads_of(G, v_new) or _flat(G, v_new)
         attn = G.name(f"layers.{l}.attention")
         G.add("GroupQueryAttention", [q, k, v, past_k, past_v, *lengths, "", "", "", bias],
               [attn, f"present.{l}.key", f"present.{l}.value"], domain=MS, num_heads=cfg.num_heads,
@@ -189,6 +194,74 @@ def fuse_attention(G: OnnxGraph, cfg) -> int:
         o_proj.input[0] = attn  # [B, T, nh * hd], what the exported Reshape fed it
         G.reindex()
     return len(layers)
+
+
+def _flat(G: OnnxGraph, heads: str) -> str:
+    """[B, heads, T, hd] -> [B, T, heads * hd], the layout GroupQueryAttention reads."""
+    return G.add("Reshape", [G.add("Transpose", [heads], perm=[0, 2, 1, 3]), G.add_init("flat", np.array([0, 0, -1], np.int64))])
+
+
+def _heads_of(G: OnnxGraph, heads: str) -> str | None:
+    """The projection [B, T, heads * hd] that the exported view Transpose(Reshape(x)) made `heads`
+    [B, heads, T, hd] from, or None."""
+    t = G.prod.get(heads)
+    if t is None or t.op_type != "Transpose" or list(t.attribute[0].ints) != [0, 2, 1, 3]:
+        return None
+    r = G.prod.get(t.input[0])
+    return r.input[0] if r is not None and r.op_type == "Reshape" else None
+
+
+def _rotary(G: OnnxGraph, rotated: str, num_heads: int, head_dim: int, tables: dict) -> str | None:
+    """`com.microsoft:RotaryEmbedding` over the projection, for the exported
+    `x * cos + cat(-x2, x1) * sin` of a view x, or None (the caller keeps the exported rotary).
+
+    The op indexes a cos/sin table by position ids. The table is the segment's own cos/sin (cqil's
+    positions, one row per token: [B * T, hd / 2], the first half of each row, RoPE's halves being
+    equal) and the ids count its rows, so a row's rotation is the one the plain graph applies, left
+    padding, trimmed or merged caches included. One table per cos/sin pair and segment."""
+    add = G.prod.get(rotated)
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return None
+    muls = [G.prod.get(i) for i in add.input]
+    if any(m is None or m.op_type != "Mul" for m in muls):
+        return None
+    for plain, turned in (muls, muls[::-1]):
+        x = next((i for i in plain.input if _heads_of(G, i)), None)
+        half = next((i for i in turned.input if i in G.prod and G.prod[i].op_type == "Concat"), None)
+        if x is None or half is None or not _rotates_half(G, G.prod[half], x):
+            continue
+        cos, sin = (next(i for i in m.input if i != skip) for m, skip in ((plain, x), (turned, half)))
+        if (cos, sin) not in tables:
+            tables[cos, sin] = _rope_tables(G, cos, sin, _heads_of(G, x), head_dim)
+        return G.add("RotaryEmbedding", [_heads_of(G, x), *tables[cos, sin]], domain=MS, interleaved=0,
+                     num_heads=num_heads)
+    return None
+
+
+def _rotates_half(G: OnnxGraph, cat, x: str) -> bool:
+    """Is `cat` Concat(Neg(Slice(x)), Slice(x)), rotate_half(x)?"""
+    if len(cat.input) != 2:
+        return False
+    neg, second = G.prod.get(cat.input[0]), G.prod.get(cat.input[1])
+    first = neg is not None and neg.op_type == "Neg" and G.prod.get(neg.input[0])
+    return all(n is not None and n is not False and n.op_type == "Slice" and n.input[0] == x for n in (first, second))
+
+
+def _rope_tables(G: OnnxGraph, cos: str, sin: str, projection: str, head_dim: int) -> tuple[str, str, str]:
+    """(position ids [B, T], cos table, sin table [rows, hd / 2]) from the cos/sin the exported
+    rotary multiplies by ([B or 1, 1, T, hd]): row b * T + t of the table is token (b, t)."""
+    def ints(name, *values):
+        return G.add_init(name, np.array(values, np.int64))
+
+    first_half = [ints("zero", 0), ints("half", head_dim // 2), ints("last", -1)]  # starts, ends, axes
+    cos_t, sin_t = (G.add("Reshape", [G.add("Slice", [c, *first_half]), ints("rows", -1, head_dim // 2)])
+                    for c in (cos, sin))
+    count = G.add("Gather", [G.add("Shape", [cos_t]), G.add_init("idx0", np.array(0, np.int64))], axis=0)
+    ids = G.add("Range", [G.add_init("start", np.array(0, np.int64)), count, G.add_init("step", np.array(1, np.int64))])
+    bt = G.add("Shape", [projection], start=0, end=2)  # [B, T]
+    t = G.add("Shape", [projection], start=1, end=2)
+    per_row = G.add("Reshape", [ids, G.add("Concat", [ints("any", -1), t], axis=0)])
+    return G.add("Expand", [per_row, bt]), cos_t, sin_t  # a table of T rows (no batch axis) serves every row
 
 
 def _mask_operand(G: OnnxGraph, softmax, scores, layer: int) -> str:
