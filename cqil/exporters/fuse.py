@@ -65,6 +65,23 @@ class OnnxGraph:
         self._count += 1
         return f"/cqil_fused/{base}_{self._count}"
 
+    @property
+    def float_type(self) -> int:
+        """The model's float element type (that of the segment's float outputs)."""
+        from onnx import TensorProto
+
+        floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
+        return next(o.type.tensor_type.elem_type for o in self.g.output if o.type.tensor_type.elem_type in floats)
+
+    def is_noop_cast(self, node) -> bool:
+        """Is `node` a Cast to fp32 in an fp32 segment? Asked only of float values (hidden states,
+        masks), which the exporter casts with `x.float()` even where x is fp32 already: then its
+        output and input are the same tensor. (In fp16/bf16 segments such Casts stay.)"""
+        from onnx import TensorProto
+
+        return (node is not None and node.op_type == "Cast" and node.attribute[0].i == TensorProto.FLOAT
+                and self.float_type == TensorProto.FLOAT)
+
     def source(self, tensor: str) -> str:
         """`tensor` before any Identity: the exporter shares equal initializers (norm weights that are
         all ones, say) between layers through Identity nodes."""
@@ -230,12 +247,24 @@ def _rotary(G: OnnxGraph, rotated: str, num_heads: int, head_dim: int, tables: d
         half = next((i for i in turned.input if i in G.prod and G.prod[i].op_type == "Concat"), None)
         if x is None or half is None or not _rotates_half(G, G.prod[half], x):
             continue
-        cos, sin = (next(i for i in m.input if i != skip) for m, skip in ((plain, x), (turned, half)))
+        cos, sin = (_shared(G, next(i for i in m.input if i != skip)) for m, skip in ((plain, x), (turned, half)))
         if (cos, sin) not in tables:
             tables[cos, sin] = _rope_tables(G, cos, sin, _heads_of(G, x), head_dim)
         return G.add("RotaryEmbedding", [_heads_of(G, x), *tables[cos, sin]], domain=MS, interleaved=0,
                      num_heads=num_heads)
     return None
+
+
+def _shared(G: OnnxGraph, table: str) -> str:
+    """The segment's cos (or sin) behind a layer's own view of it: each layer unsqueezes a head axis
+    ([B, T, hd] -> [B, 1, T, hd]) and, in fp32, casts it to fp32."""
+    while True:
+        n = G.prod.get(table)
+        if G.is_noop_cast(n) or (n is not None and n.op_type == "Unsqueeze" and G.const(n.input[1]) is not None
+                                 and G.const(n.input[1]).tolist() in ([1], 1)):
+            table = n.input[0]
+        else:
+            return table
 
 
 def _rotates_half(G: OnnxGraph, cat, x: str) -> bool:
@@ -249,7 +278,7 @@ def _rotates_half(G: OnnxGraph, cat, x: str) -> bool:
 
 def _rope_tables(G: OnnxGraph, cos: str, sin: str, projection: str, head_dim: int) -> tuple[str, str, str]:
     """(position ids [B, T], cos table, sin table [rows, hd / 2]) from the cos/sin the exported
-    rotary multiplies by ([B or 1, 1, T, hd]): row b * T + t of the table is token (b, t)."""
+    rotary multiplies by ([B or 1, (1,) T, hd]): row b * T + t of the table is token (b, t)."""
     def ints(name, *values):
         return G.add_init(name, np.array(values, np.int64))
 
@@ -274,7 +303,11 @@ def _mask_operand(G: OnnxGraph, softmax, scores, layer: int) -> str:
     if mask is None:
         raise CqilError(f"fuse: layer {layer}: no mask operand beside the scores")
     cast = G.prod.get(mask)
-    return cast.input[0] if cast is not None and cast.op_type == "Cast" else mask
+    if cast is not None and cast.op_type == "Cast":  # the model's dtype, before the softmax's fp32
+        mask = cast.input[0]
+    while G.is_noop_cast(G.prod.get(mask)):  # every layer then reads the segment's one mask
+        mask = G.prod[mask].input[0]
+    return mask
 
 
 def fuse_rmsnorm(G: OnnxGraph) -> int:
@@ -293,11 +326,15 @@ def fuse_rmsnorm(G: OnnxGraph) -> int:
             total = G.name("residual")
             G.add("SkipSimplifiedLayerNormalization", [residual.input[0], residual.input[1], weight],
                   [out, "", "", total], domain=MS, epsilon=eps)
-            for reader in list(G.cons[x]):
-                if not any(reader is n for n in nodes):
-                    reader.input[:] = [total if i == x else i for i in reader.input]
         else:
+            total = x
             G.add("SimplifiedLayerNormalization", [x, weight], [out], axis=-1, epsilon=eps, stash_type=1)
+        # every other reader of the norm's input (the next residual Add; in fp32 also through the
+        # chain's no-op Cast) reads the residual sum the op hands out
+        names = {x, nodes[0].output[0]} if G.is_noop_cast(nodes[0]) else {x}
+        for reader in [r for name in names for r in G.cons[name]]:
+            if not any(reader is n for n in nodes):
+                reader.input[:] = [total if i in names else i for i in reader.input]
         G.reindex()
         count += 1
     return count
