@@ -176,3 +176,29 @@ def test_norms_with_shared_weights_are_fused(tiny_checkpoint, tmp_path):
     ops = [n.op_type for n in graph.node]
     assert ops.count("SkipSimplifiedLayerNormalization") + ops.count("SimplifiedLayerNormalization") == 2 * layers + 1
     assert "ReduceMean" not in ops
+
+
+def test_decode_rebinds_only_what_changed(engines):
+    """A segment keeps its IO binding between steps: a decode step binds the new ids, mask, positions
+    and outputs, not the KV buffers again; generators stepped in turn still get their own tokens."""
+    engine = cqil.load(engines("p1"), threads=1)
+    segment = engine.segments[0]["seg0"]
+    rank, bound = segment.rank, []
+    bind_input = rank.bind_input
+    rank.bind_input = lambda binding, name, value: (bound.append(name), bind_input(binding, name, value))
+    gen = engine.generator([PROMPTS[0]], max_new_tokens=4)
+    gen.next_tokens()
+    gen.flush()
+    bound.clear()
+    gen.next_tokens()
+    gen.flush()
+    assert sorted(bound) == ["attention_mask", "input_ids", "position_ids"]
+    rank.bind_input = bind_input
+
+    alone = [engine.generate([p], max_new_tokens=10) for p in PROMPTS]
+    gens = [engine.generator([p], max_new_tokens=10) for p in PROMPTS]
+    while not all(g.done for g in gens):
+        for g in gens:
+            if not g.done:
+                g.next_tokens()
+    assert [g.tokens for g in gens] == alone

@@ -10,7 +10,8 @@ before its CUDA one).
 
 IO binding: every output is allocated by cqil at the shape the manifest gives (its named axes
 filled in from the step) and bound before the run, so ONNX Runtime writes straight into it; inputs
-are bound where they lie. Engines compiled with fused operators (GroupQueryAttention, see
+are bound where they lie. A segment keeps its binding from step to step and binds again only the
+values that are new objects (`OrtSegment._bind_step`). Engines compiled with fused operators (GroupQueryAttention, see
 cqil.exporters.fuse) keep the KV cache in one buffer per layer (`BufferCache`), bound as both the
 past input and the present output: a decode step writes one position, whatever the context length;
 a step of several new tokens after a past at batch > 1, which that op refuses, runs row by row
@@ -29,6 +30,7 @@ ranks compute on).
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import numpy as np
 
@@ -60,6 +62,7 @@ class OrtSegment:
         # ONNX Runtime's GroupQueryAttention takes several new tokens after a past only at batch 1
         self.by_row = rank.fused and any(o.startswith("present.") for o in self.outputs)
         self.batched = {t["name"] for t in rec["inputs"] + rec["outputs"] if t["shape"][:1] == ["batch"]}
+        self._binding, self._bound = None, {}  # see _bind_step
 
     def rows(self, env: dict) -> list:
         """The batch slices to run this step as: all rows at once, or (fused attention, several new
@@ -87,15 +90,34 @@ class OrtSegment:
             outs.update((name, env[past]) for name, past in self.in_place.items())
             for name in self.inputs:
                 r.prepare_input(env, name)
-            for b in rows:  # every row writes its part of the same output buffers
-                binding = self.session.io_binding()
-                for name in self.inputs:
-                    r.bind_input(binding, name, self._part(name, env[name], b))
-                for name, value in outs.items():
-                    r.bind_output(binding, name, self._part(name, value, b))
-                self._run(self.session.run_with_iobinding, binding)
+            if len(rows) == 1:
+                self._run(self.session.run_with_iobinding, self._bind_step(env, outs))
+            else:
+                for b in rows:  # every row writes its part of the same output buffers
+                    binding = self.session.io_binding()
+                    for name in self.inputs:
+                        r.bind_input(binding, name, self._part(name, env[name], b))
+                    for name, value in outs.items():
+                        r.bind_output(binding, name, self._part(name, value, b))
+                    self._run(self.session.run_with_iobinding, binding)
             for name, value in outs.items():
                 env[name] = r.publish(name, value)
+
+    def _bind_step(self, env: dict, outs: dict):
+        """The segment's binding with this step's values: one binding kept from step to step, a name
+        rebound only where its value is another object (decode steps keep their KV buffers, so only
+        the ids, the mask, the positions and the fresh outputs are bound again). Values are never
+        changed in shape or moved in place, so the same object is the same memory."""
+        r = self.rank
+        if self._binding is None:
+            self._binding, self._bound = self.session.io_binding(), {}
+        for names, values, bind in ((self.inputs, env, r.bind_input), (outs, outs, r.bind_output)):
+            for name in names:
+                value, bound = values[name], self._bound.get(name)
+                if bound is None or bound() is not value:  # a weak reference: the binding keeps nothing alive
+                    bind(self._binding, name, value)
+                    self._bound[name] = weakref.ref(value)
+        return self._binding
 
     def _run(self, run, *args):
         try:
