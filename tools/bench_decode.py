@@ -17,7 +17,9 @@ cqil.testing unless --model is given), batch 1, greedy, 2 threads for every runn
 
 first token = prompt in, first new token chosen (prefill + one sample); decode = the median time of
 the following steps (each: one forward of the last token and a choice). Rounds interleave the
-runners so that a slow spell of the machine hits all alike; each number is the best round's.
+runners so that a slow spell of the machine hits all alike, with a pause before each runner (the
+previous one's spinning thread pool would otherwise slow its first token); each number is the best
+round's.
 Prints one markdown table with ratios against onnxruntime-genai at the same precision and prompt.
 """
 
@@ -59,6 +61,11 @@ def _timed(fn) -> float:
 
 
 # -- onnxruntime-genai ----------------------------------------------------------------------------
+
+# ONNX Runtime's intra-op threads spin for a while after a run; without a pause, whoever runs next
+# (the first token above all) shares the cores with the previous runner's spinning pool
+PAUSE_S = 0.5
+
 
 def stub_tokenizer(folder: Path, vocab_size: int):
     """A tokenizer.json with exactly `vocab_size` tokens (no merges): the builder copies a tokenizer
@@ -196,6 +203,7 @@ def main(argv=None):
     for _ in range(args.rounds):
         for n, prompt in prompts.items():
             for (precision, name), runner in runners.items():
+                time.sleep(PAUSE_S)  # the last runner's thread pools stop spinning first
                 first, steps = runner.run(prompt, args.new_tokens)
                 key = (precision, n, name)
                 decode = statistics.median(steps)
