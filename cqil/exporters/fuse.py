@@ -272,8 +272,8 @@ def _rotates_half(G: OnnxGraph, cat, x: str) -> bool:
     if len(cat.input) != 2:
         return False
     neg, second = G.prod.get(cat.input[0]), G.prod.get(cat.input[1])
-    first = neg is not None and neg.op_type == "Neg" and G.prod.get(neg.input[0])
-    return all(n is not None and n is not False and n.op_type == "Slice" and n.input[0] == x for n in (first, second))
+    first = G.prod.get(neg.input[0]) if neg is not None and neg.op_type == "Neg" else None
+    return all(n is not None and n.op_type == "Slice" and n.input[0] == x for n in (first, second))
 
 
 def _rope_tables(G: OnnxGraph, cos: str, sin: str, projection: str, head_dim: int) -> tuple[str, str, str]:
