@@ -102,8 +102,15 @@ def test_run_sampling_is_reproducible(engine_dir, engine, capsys):
     assert first["output_ids"] != engine.generate([[5, 6, 7]], max_new_tokens=10)[0][3:]  # it did sample
 
 
+def test_run_temperature_zero_is_greedy(engine_dir, engine, capsys):
+    """As in OpenAI's API (and cqil-serve, cqil-run-native): --temperature 0 decodes greedily."""
+    argv = ["--input-ids", "5,6,7", "--max-new-tokens", "10", "--ignore-eos", "--json", "--do-sample", "--seed", "7"]
+    out = json.loads(run(engine_dir, capsys, *argv, "--temperature", "0")[1])
+    assert out["output_ids"] == engine.generate([[5, 6, 7]], max_new_tokens=10)[0][3:]
+
+
 def test_run_bad_sampling_flags(engine_dir, capsys):
-    assert_one_line_error(*run(engine_dir, capsys, "--input-ids", "1", "--temperature", "0")[::2], "temperature")
+    assert_one_line_error(*run(engine_dir, capsys, "--input-ids", "1", "--temperature", "-1")[::2], "temperature")
     assert_one_line_error(*run(engine_dir, capsys, "--input-ids", "1", "--max-new-tokens", "0")[::2], "max_new_tokens")
 
 

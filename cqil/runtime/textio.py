@@ -44,7 +44,8 @@ def add_generation_flags(parser: argparse.ArgumentParser, prompt_required: bool 
     parser.add_argument("--max-new-tokens", type=int,
                         help=f"tokens to generate (default {PROMPT_MAX_NEW_TOKENS}; with --chat: up to the eos)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="with --do-sample (default 1.0); 0 = greedy, as in OpenAI's API and cqil-run-native")
     parser.add_argument("--top-k", type=int, default=0, help="0 = off")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the most likely's probability")
@@ -66,7 +67,9 @@ def sampling_of(args, chat: bool = False) -> SamplingParams:
         max_new = None if chat else PROMPT_MAX_NEW_TOKENS
     elif max_new < 1:
         raise CqilError(f"max_new_tokens must be >= 1, got {max_new}")
-    params = legacy_params(args.do_sample, args.temperature, args.top_k, args.top_p, args.seed)
+    greedy = args.temperature == 0  # OpenAI's convention, which cqil-serve and cqil-run-native follow too
+    params = legacy_params(args.do_sample and not greedy, 1.0 if greedy else args.temperature, args.top_k,
+                           args.top_p, args.seed)
     return params.replace(min_p=args.min_p, repetition_penalty=args.repetition_penalty,
                           presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           stop=tuple(args.stop or ()), max_tokens=max_new, ignore_eos=args.ignore_eos)
