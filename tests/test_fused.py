@@ -44,9 +44,9 @@ def engines(tmp_path_factory):
     return get
 
 
-def steps(engine, n: int) -> tuple[list[np.ndarray], list[list[int]]]:
+def steps(engine, n: int, rows=PROMPTS) -> tuple[list[np.ndarray], list[list[int]]]:
     """The logits of the prefill and n greedy decode steps, and the tokens."""
-    gen = engine.generator(PROMPTS, max_new_tokens=n)
+    gen = engine.generator(rows, max_new_tokens=n)
     logits = [gen.logits.copy()]
     while not gen.done:
         gen.next_tokens()
@@ -217,15 +217,6 @@ def test_every_family_fuses_to_the_plain_result(tiny_checkpoint, tmp_path, prese
     layers = fused.config.num_layers
     assert ops.count("GroupQueryAttention") == layers and ops.count("RotaryEmbedding") == 2 * layers
     rows = [[5, 7, 9, 11, 13, 17, 19], [3, 4, 8]]
-    results = []
-    for engine in (fused, plain):
-        gen = engine.generator(rows, max_new_tokens=12)
-        logits = [gen.logits.copy()]
-        while not gen.done:
-            gen.next_tokens()
-            if not gen.done:
-                gen.flush()
-                logits.append(gen.logits.copy())
-        results.append((logits, gen.tokens))
-    assert max(float(np.abs(a - b).max()) for a, b in zip(results[0][0], results[1][0])) <= 1e-4
-    assert results[0][1] == results[1][1]
+    (got, got_tokens), (want, want_tokens) = (steps(engine, 12, rows) for engine in (fused, plain))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(got, want)) <= 1e-4
+    assert got_tokens == want_tokens

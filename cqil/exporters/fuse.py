@@ -49,7 +49,12 @@ class OnnxGraph:
 
     def __init__(self, model):
         self.model, self.g = model, model.graph
+        from onnx import TensorProto
+
         self.inits = {t.name: t for t in self.g.initializer}
+        floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}  # the model's: its float outputs
+        self.float_type = next(o.type.tensor_type.elem_type for o in self.g.output
+                               if o.type.tensor_type.elem_type in floats)
         self._count = 0
         self.reindex()
 
@@ -64,14 +69,6 @@ class OnnxGraph:
     def name(self, base: str) -> str:
         self._count += 1
         return f"/cqil_fused/{base}_{self._count}"
-
-    @property
-    def float_type(self) -> int:
-        """The model's float element type (that of the segment's float outputs)."""
-        from onnx import TensorProto
-
-        floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16}
-        return next(o.type.tensor_type.elem_type for o in self.g.output if o.type.tensor_type.elem_type in floats)
 
     def is_noop_cast(self, node) -> bool:
         """Is `node` a Cast to fp32 in an fp32 segment? Asked only of float values (hidden states,
@@ -247,11 +244,11 @@ def _rotary(G: OnnxGraph, rotated: str, num_heads: int, head_dim: int, tables: d
         half = next((i for i in turned.input if i in G.prod and G.prod[i].op_type == "Concat"), None)
         if x is None or half is None or not _rotates_half(G, G.prod[half], x):
             continue
+        projection = _heads_of(G, x)
         cos, sin = (_shared(G, next(i for i in m.input if i != skip)) for m, skip in ((plain, x), (turned, half)))
         if (cos, sin) not in tables:
-            tables[cos, sin] = _rope_tables(G, cos, sin, _heads_of(G, x), head_dim)
-        return G.add("RotaryEmbedding", [_heads_of(G, x), *tables[cos, sin]], domain=MS, interleaved=0,
-                     num_heads=num_heads)
+            tables[cos, sin] = _rope_tables(G, cos, sin, projection, head_dim)
+        return G.add("RotaryEmbedding", [projection, *tables[cos, sin]], domain=MS, interleaved=0, num_heads=num_heads)
     return None
 
 

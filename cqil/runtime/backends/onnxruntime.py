@@ -64,10 +64,9 @@ class OrtSegment:
         self.batched = {t["name"] for t in rec["inputs"] + rec["outputs"] if t["shape"][:1] == ["batch"]}
         self._binding, self._bound = None, {}  # see _bind_step
 
-    def rows(self, env: dict) -> list:
+    def rows(self, dims: dict) -> list:
         """The batch slices to run this step as: all rows at once, or (fused attention, several new
         tokens after a past, batch > 1) one row at a time; the rows of a step are independent."""
-        dims = step_dims(env)
         if self.by_row and dims["batch"] > 1 and dims["sequence"] > 1 and dims["past_sequence"] > 0:
             return [slice(b, b + 1) for b in range(dims["batch"])]
         return [slice(None)]
@@ -76,7 +75,8 @@ class OrtSegment:
         return value[rows] if name in self.batched else value
 
     def __call__(self, env: dict) -> None:
-        r, rows = self.rank, self.rows(env)
+        r, dims = self.rank, step_dims(env)
+        rows = self.rows(dims)
         if not r.io_binding:
             parts = [self._run(self.session.run, self.outputs, {n: self._part(n, env[n], b) for n in self.inputs})
                      for b in rows]
@@ -85,7 +85,6 @@ class OrtSegment:
                        for i, name in enumerate(self.outputs))
             return
         with r.on_stream():  # CUDA: conversions and allocations on the stream the session runs on
-            dims = step_dims(env)
             outs = {name: r.empty([dims.get(d, d) for d in shape], dtype) for name, dtype, shape in self.out_specs}
             outs.update((name, env[past]) for name, past in self.in_place.items())
             for name in self.inputs:
